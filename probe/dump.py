@@ -1,0 +1,354 @@
+"""`probe dump`: run a frozen backbone once per image and keep its spatial features in Zarr.
+
+Batches never cross a chunk boundary and always start at the same rows, so an interrupted dump
+resumed chunk by chunk, or split over torchrun ranks by chunk, computes exactly the same numbers as
+one uninterrupted run. Decoding runs in DataLoader workers and writing in a background thread, so
+the model never waits on the disk.
+"""
+
+import errno
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from probe.data.cub import CUB, WATERBIRDS_DIRNAME
+from probe.data.images import load_rgb
+from probe.data.masks import MaskSource, early_mask
+from probe.data.transforms import Preprocess
+from probe.errors import ProbeError
+from probe.store import ArraySpec, FeatureStore, Split, fg_array_name, safe_name, store_path
+
+FROM_MASKED = "L.from-masked-L-1"
+TAPS = ("L", "L-1", FROM_MASKED)
+
+
+def default_dataset_name(root: str | Path) -> str:
+    """`cub` for the real CUB-200-2011 folder, otherwise the folder's name."""
+    name = Path(root).expanduser().resolve().name
+    return "cub" if name.lower().startswith("cub_200_2011") else safe_name(name)
+
+
+def input_name(input: str, masks: MaskSource) -> str:
+    if input == "original":
+        return "original"
+    if input != "masked":
+        raise ProbeError(f"--input must be 'original' or 'masked', got {input!r}")
+    if masks.kind == "none":
+        raise ProbeError("--input masked needs a mask source: pass --masks gt or --masks dir:PATH")
+    return f"masked-{masks.name}"
+
+
+class _Items(torch.utils.data.Dataset):
+    """Decoded, preprocessed rows of one split: what a DataLoader worker produces."""
+
+    def __init__(self, cub: CUB, preprocess: Preprocess, need_image: bool,
+                 early: MaskSource | None, fg: MaskSource | None):
+        self.cub, self.preprocess, self.need_image = cub, preprocess, need_image
+        self.early, self.fg = early, fg
+        self.waterbirds = cub.split == "waterbirds"
+
+    def __len__(self):
+        return len(self.cub)
+
+    def _mask(self, source: MaskSource, i: int, size) -> np.ndarray:
+        return source.load(self.cub.root, self.cub.paths[i], size, self.waterbirds)
+
+    def __getitem__(self, i: int) -> dict:
+        path = self.cub.image_path(i)
+        item = {"row": i}
+        if self.need_image:
+            image = load_rgb(path)
+            if self.early is not None:
+                image = early_mask(image, self._mask(self.early, i, image.size))
+            item["image"] = self.preprocess.image(image)
+            size = image.size
+        else:
+            with Image.open(path) as im:  # reads the header only
+                size = im.size
+        if self.fg is not None:
+            item["fg_area"], item["fg_nearest"] = self.preprocess.mask(self._mask(self.fg, i, size))
+        return item
+
+
+class _Batches(torch.utils.data.Sampler):
+    """Row batches that start at fixed offsets inside each chunk (see module docstring)."""
+
+    def __init__(self, split: Split, chunks: list[int], batch_size: int):
+        self.batches = [list(range(s, min(s + batch_size, e)))
+                        for c in chunks for s, e in [split.chunk_range(c)]
+                        for s in range(s, e, batch_size)]
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+@dataclass
+class _Runtime:
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+
+def _runtime(device: str) -> _Runtime:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ProbeError("--device cuda was requested but no CUDA GPU is visible; use --device cpu")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return _Runtime(torch.device(device))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    if device == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return _Runtime(torch.device("cuda", local), dist.get_rank(), world)
+    return _Runtime(torch.device("cpu"), dist.get_rank(), world)
+
+
+def _grid_fg(mask: torch.Tensor, grid: tuple[int, int], rule: str) -> torch.Tensor:
+    """[B, S, S] mask in the image frame -> [B, h, w] on a feature grid."""
+    if rule == "area":  # the mean of area fractions is the area fraction of the cell
+        return F.adaptive_avg_pool2d(mask[:, None], grid)[:, 0]
+    return F.interpolate(mask[:, None], size=grid, mode="nearest-exact")[:, 0]
+
+
+def _to_float16(name: str, x: torch.Tensor, ids: np.ndarray) -> np.ndarray:
+    x = x.float().cpu()
+    half = x.half()
+    bad = ~torch.isfinite(half.reshape(len(half), -1)).all(dim=1)
+    if bad.any():
+        raise ProbeError(f"{name} overflows float16 (inf/NaN) for image ids "
+                         f"{ids[bad.numpy()].tolist()[:20]}; the model or the image is broken")
+    return half.numpy()
+
+
+def _write_chunk(split: Split, progress, chunk: int, arrays: dict[str, np.ndarray]) -> None:
+    start, end = split.chunk_range(chunk)
+    try:
+        for name, values in arrays.items():
+            split.group[name][start:end] = values
+        progress[chunk] = 1  # only now is the chunk complete: a crash before leaves it pending
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise ProbeError(f"disk full while writing {split.group.store}; free some space and "
+                             "run the same command again: finished chunks are kept") from None
+        raise
+
+
+def _plan_arrays(backbone, taps: list[str], fg_source: MaskSource | None) -> dict[str, ArraySpec]:
+    specs = {}
+    for tap in taps:
+        name = f"{FROM_MASKED}.{fg_source.name}" if tap == FROM_MASKED else tap
+        specs[name] = ArraySpec((*backbone.grid(tap), backbone.dim(tap)), "float16")
+    if backbone.num_prefix_tokens:
+        specs["prefix"] = ArraySpec((backbone.num_prefix_tokens, backbone.dim("L")), "float16")
+    return specs
+
+
+def _fg_specs(grids: set[tuple[int, int]], fg_source: MaskSource) -> dict[str, ArraySpec]:
+    return {fg_array_name(fg_source.name, g, rule): ArraySpec(g, "float16")
+            for g in sorted(grids) for rule in ("area", "seed")}
+
+
+def _run_split(split: Split, items: _Items, specs: dict[str, ArraySpec], backbone, rt: _Runtime,
+               batch_size: int, workers: int, progress_bar: bool) -> None:
+    pending = [n for n in specs if not split.complete(n)]
+    if not pending:
+        return
+    for name in pending:  # rank 0 creates arrays and progress flags; the others open them
+        if rt.rank == 0:
+            split.require(name, specs[name])
+    progress = split.progress(pending) if rt.rank == 0 else None
+    rt.barrier()
+    progress = progress if progress is not None else split.progress(pending)
+    done = progress[:]
+    chunks = [c for c in range(split.n_chunks) if c % rt.world == rt.rank and not done[c]]
+    taps = [n for n in pending if n in TAPS or n.startswith(FROM_MASKED)]
+    need_forward = bool(taps) or "prefix" in pending
+    loader = torch.utils.data.DataLoader(
+        items, batch_sampler=_Batches(split, chunks, batch_size), num_workers=workers,
+        pin_memory=rt.device.type == "cuda", persistent_workers=False)
+    ids = split.read("ids")
+    todo = sum(split.chunk_range(c)[1] - split.chunk_range(c)[0] for c in chunks)
+    bar = tqdm(total=todo, desc=f"{split.name}", unit="img", disable=not progress_bar or rt.rank)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if rt.device.type == "cuda"
+                else nullcontext())
+    buffers: dict[int, dict[str, list]] = {}
+    futures: list[Future] = []
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        for batch in loader:
+            rows = batch["row"].numpy()
+            chunk = int(rows[0]) // split.chunk_rows
+            out = {}
+            if need_forward:
+                x = batch["image"].to(rt.device, non_blocking=True)
+                if backbone.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                keep = None
+                if any(t.startswith(FROM_MASKED) for t in taps):
+                    keep = _grid_fg(batch["fg_nearest"], backbone.grid("L-1"), "seed").to(rt.device)
+                base_taps = [t for t in ("L", "L-1", "prefix") if t in pending]
+                with torch.inference_mode(), autocast:
+                    feats = backbone.forward_taps(x, taps=base_taps, lm1_keep=keep)
+                for name in pending:
+                    key = FROM_MASKED if name.startswith(FROM_MASKED) else name
+                    if key in feats:
+                        out[name] = _to_float16(name, feats[key], ids[rows])
+            for name in pending:
+                if name.startswith(("fg.", "fgseed.")):
+                    rule = "area" if name.startswith("fg.") else "seed"
+                    grid = specs[name].tail
+                    mask = batch["fg_area" if rule == "area" else "fg_nearest"]
+                    out[name] = _grid_fg(mask, grid, rule).half().numpy()
+            buffer = buffers.setdefault(chunk, {n: [] for n in pending})
+            for name in pending:
+                buffer[name].append(out[name])
+            start, end = split.chunk_range(chunk)
+            if rows[-1] == end - 1:  # the chunk's last batch: hand it to the writer thread
+                arrays = {n: np.concatenate(v) for n, v in buffers.pop(chunk).items()}
+                futures.append(writer.submit(_write_chunk, split, progress, chunk, arrays))
+                while len(futures) > 2:  # bounded memory: at most two chunks in flight
+                    futures.pop(0).result()
+            bar.update(len(rows))
+        for future in futures:
+            future.result()
+    bar.close()
+    rt.barrier()
+    if rt.rank == 0:
+        if not progress[:].all():
+            raise ProbeError(f"split {split.name}: some chunks were not written; run again to resume")
+        split.finish(pending)
+    rt.barrier()
+
+
+def _splits(root: Path, splits, waterbirds_root) -> list[str]:
+    if splits:
+        return list(splits)
+    wb = Path(waterbirds_root or root / WATERBIRDS_DIRNAME)
+    return ["train", "test"] + (["waterbirds"] if wb.is_dir() else [])
+
+
+def _check_masks(cub: CUB, source: MaskSource) -> None:
+    missing = source.missing(cub.root, cub.paths, cub.split == "waterbirds")
+    if missing:
+        listed = "\n  ".join(str(p) for p in missing[:10])
+        raise ProbeError(f"{len(missing)} of {len(cub)} images of split {cub.split!r} have no mask "
+                         f"in source {source.spec!r}:\n  {listed}"
+                         + ("\n  ..." if len(missing) > 10 else ""))
+
+
+def dump(backbone: str, data_root: str | Path, *, input: str = "original", masks: str = "gt",
+         splits=None, taps=("L",), out: str | Path = "features", dataset: str | None = None,
+         waterbirds_root=None, weights=None, random_init: bool = False, image_size=None,
+         batch_size: int = 64, workers: int = 2, device: str = "auto", overwrite: bool = False,
+         chunk_rows: int | None = None, progress: bool = True,
+         model_kwargs: dict | None = None) -> Path:
+    """Dump the features of every image of `splits` into a store; returns the store's path.
+
+    Resumes an interrupted dump; does nothing for arrays already complete.
+    """
+    from probe.backbones import create_backbone
+
+    root = Path(data_root).expanduser()
+    source = MaskSource.parse(masks)
+    taps = list(taps)
+    unknown = [t for t in taps if t not in TAPS]
+    if unknown:
+        raise ProbeError(f"unknown taps {unknown}; choose from {', '.join(TAPS)}")
+    if FROM_MASKED in taps and source.kind == "none":
+        raise ProbeError(f"tap {FROM_MASKED} needs a mask source (--masks gt or dir:PATH)")
+    name = input_name(input, source)
+    rt = _runtime(device)
+    model = create_backbone(backbone, weights=weights, random_init=random_init,
+                            image_size=image_size, **(model_kwargs or {}))
+    model.to(rt.device)
+    if model.channels_last:
+        model.to(memory_format=torch.channels_last)
+    preprocess = Preprocess(model.image_size, tuple(model.mean), tuple(model.std))
+    dataset = dataset or default_dataset_name(root)
+    cub_index = CUB(root, "train").index
+    attrs = {"dataset": dataset, "dataset_fingerprint": cub_index.fingerprint(),
+             "backbone": backbone, "model_id": model.model_id, "weights": model.weights_id,
+             "image_size": model.image_size, "mean": list(model.mean), "std": list(model.std),
+             "transform": preprocess.describe(), "input": name,
+             "input_mask_source": source.spec if input == "masked" else None,
+             "kind": model.kind, "num_prefix_tokens": model.num_prefix_tokens,
+             "head_norm": _jsonable(model.head_norm()), "data_root": str(root.resolve())}
+    path = store_path(out, dataset, backbone, name)
+    store = FeatureStore.create(path, attrs, overwrite) if rt.rank == 0 else None
+    rt.barrier()
+    store = store or FeatureStore.open(path, mode="a")
+    specs = _plan_arrays(model, taps, source if source.kind != "none" else None)
+    if source.kind != "none":
+        grids = {model.grid(t) for t in taps} | {model.grid("L")}
+        specs.update(_fg_specs(grids, source))
+    row_bytes = max(int(np.prod(s.tail)) * 2 for s in specs.values())
+    wrote = False
+    for split_name in _splits(root, splits, waterbirds_root):
+        cub = CUB(root, split_name, waterbirds_root=waterbirds_root)
+        if source.kind != "none":
+            _check_masks(cub, source)
+        index = {"ids": cub.ids, "labels": cub.labels}
+        if cub.waterbird is not None:
+            index.update(waterbird=cub.waterbird, place=cub.place)
+        split = (store.create_split(split_name, len(cub), row_bytes, index, chunk_rows)
+                 if rt.rank == 0 else None)
+        rt.barrier()
+        split = split or store.split(split_name)
+        if all(split.complete(n) for n in specs):
+            continue
+        wrote = True
+        items = _Items(cub, preprocess, need_image=True,
+                       early=source if input == "masked" else None,
+                       fg=source if source.kind != "none" else None)
+        _run_split(split, items, specs, model, rt, batch_size, workers, progress)
+    if not wrote and rt.rank == 0 and progress:
+        print(f"{path}: already complete, nothing to do")
+    return path
+
+
+def add_masks(store: str | Path, data_root: str | Path, masks: str, *, waterbirds_root=None,
+              batch_size: int = 64, workers: int = 2, progress: bool = True) -> Path:
+    """Add the foreground maps of another mask source to an existing store (no model forward)."""
+    source = MaskSource.parse(masks)
+    if source.kind == "none":
+        raise ProbeError("--add-masks needs a mask source: gt or dir:PATH")
+    fs = FeatureStore.open(store, mode="a")
+    attrs = fs.attrs
+    preprocess = Preprocess(attrs["image_size"], tuple(attrs["mean"]), tuple(attrs["std"]))
+    early = MaskSource.parse(attrs["input_mask_source"]) if attrs.get("input_mask_source") else None
+    root = Path(data_root).expanduser()
+    rt = _Runtime(torch.device("cpu"))
+    for split_name in fs.splits():
+        split = fs.split(split_name)
+        grids = {tuple(split.group[n].shape[1:3]) for n in split.names() if n in TAPS}
+        cub = CUB(root, split_name, waterbirds_root=waterbirds_root)
+        if not np.array_equal(cub.ids, split.read("ids")):
+            raise ProbeError(f"{root} does not hold the images of split {split_name!r} of {store}")
+        _check_masks(cub, source)
+        items = _Items(cub, preprocess, need_image=False, early=early, fg=source)
+        _run_split(split, items, _fg_specs(grids, source), None, rt, batch_size, workers, progress)
+    return Path(store)
+
+
+def _jsonable(head_norm):
+    if head_norm is None:
+        return None
+    return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in head_norm.items()}

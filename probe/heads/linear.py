@@ -1,0 +1,217 @@
+"""Softmax linear head trained with the study's frozen recipe, alone or as a batched (lr, wd) grid.
+
+One training loop serves both: a `LinearHead` is a grid of one. In a grid every head starts
+from the same weights and sees the same batches in the same order, so head h of a
+`LinearSweep` is the `LinearHead` with that (lr, weight_decay) and seed, up to float rounding
+of the batched matmul.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from timm.scheduler import CosineLRScheduler
+
+from probe.heads.base import (
+    Head,
+    HeadError,
+    NotFittedError,
+    check_features,
+    check_labels,
+    encode_labels,
+)
+
+# The study's Table 1 (frozen): AdamW betas (0.9, 0.999), batch 128, 90 epochs, cosine decay,
+# label smoothing 0.1; lr / weight decay by backbone family.
+FROZEN_RECIPES = {
+    "vit": {"lr": 1e-3, "weight_decay": 1e-2},
+    "convnext": {"lr": 4e-3, "weight_decay": 5e-2},
+}
+# Sweep grid around the study's values (both families' lr and wd are in it): 6 x 4 = 24 heads.
+SWEEP_LRS = (1e-4, 3e-4, 1e-3, 4e-3, 1e-2, 3e-2)
+SWEEP_WEIGHT_DECAYS = (0.0, 1e-2, 5e-2, 5e-1)
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" -> cuda when available, else cpu; anything else as torch spells it."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def train_linear_heads(
+    X: np.ndarray,
+    yi: np.ndarray,
+    n_classes: int,
+    lrs: Sequence[float],
+    weight_decays: Sequence[float],
+    *,
+    epochs: int,
+    batch_size: int,
+    label_smoothing: float,
+    seed: int,
+    device: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Train len(lrs) softmax heads (head h: lrs[h], weight_decays[h]) in one pass over the data.
+
+    Returns weights [H, D, C] and biases [H, C]. AdamW per head (biases without weight decay,
+    as timm's optimizer factory does), cosine decay per update with timm's scheduler, no warm-up.
+    """
+    if epochs < 1 or batch_size < 1:
+        raise HeadError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
+    dev = resolve_device(device)
+    gen = torch.Generator().manual_seed(seed)  # CPU generator: same draws on every device
+    n, d = X.shape
+    h = len(lrs)
+    init = torch.randn(d, n_classes, generator=gen) * 0.01
+    weight = init.expand(h, d, n_classes).clone().to(dev).requires_grad_()
+    bias = torch.zeros(h, n_classes, device=dev, requires_grad=True)
+    # One AdamW with per-head param groups; each head's parameters are views of the batched
+    # tensors, so the optimiser updates them in place and the forward stays one matmul.
+    groups, links = [], []  # links: (per-head parameter, batched tensor, head index)
+    for i, (lr, wd) in enumerate(zip(lrs, weight_decays, strict=True)):
+        for tensor, decay in ((weight, wd), (bias, 0.0)):
+            param = torch.nn.Parameter(tensor.detach()[i])
+            groups.append({"params": [param], "lr": lr, "weight_decay": decay})
+            links.append((param, tensor, i))
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999))
+    steps = epochs * math.ceil(n / batch_size)
+    scheduler = CosineLRScheduler(optimizer, t_initial=steps, t_in_epochs=False)
+
+    Xd, yd = torch.tensor(X, device=dev), torch.tensor(yi, dtype=torch.int64, device=dev)
+    step = 0
+    for _ in range(epochs):
+        for idx in torch.randperm(n, generator=gen).to(dev).split(batch_size):
+            logits = Xd[idx] @ weight + bias[:, None]  # [H, B, C]: all heads in one matmul
+            loss = F.cross_entropy(
+                logits.reshape(-1, n_classes), yd[idx].repeat(h),
+                label_smoothing=label_smoothing, reduction="none",
+            )
+            weight.grad = bias.grad = None
+            # Sum of per-head means: each head gets exactly the gradient of its own loss.
+            loss.view(h, -1).mean(dim=1).sum().backward()
+            for param, tensor, i in links:
+                param.grad = tensor.grad[i]
+            optimizer.step()
+            step += 1
+            scheduler.step_update(step)
+    return weight.detach().cpu().numpy(), bias.detach().cpu().numpy()
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class LinearHead(Head):
+    """Softmax linear layer, the study's frozen recipe by default (Table 1, ViT values).
+
+    `fit(X, y)` trains one head with (lr, weight_decay). `fit_select(X_train, y_train, X_val,
+    y_val, X_full, y_full)` trains the (lrs x weight_decays) grid on train as one batched model,
+    picks (lr, weight_decay) on val accuracy, and refits this head with them on X_full (the whole
+    train split; default train + val).
+    """
+
+    def __init__(
+        self,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-2,
+        epochs: int = 90,
+        batch_size: int = 128,
+        label_smoothing: float = 0.1,
+        seed: int = 0,
+        device: str = "cpu",
+        lrs: Sequence[float] = SWEEP_LRS,
+        weight_decays: Sequence[float] = SWEEP_WEIGHT_DECAYS,
+    ) -> None:
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.label_smoothing = label_smoothing
+        self.seed = seed
+        self.device = device
+        self.lrs = lrs
+        self.weight_decays = weight_decays
+
+    def _recipe(self) -> dict:
+        keys = ("epochs", "batch_size", "label_smoothing", "seed", "device")
+        return {k: getattr(self, k) for k in keys}
+
+    def _fit(self, X, yi, n_classes) -> None:
+        weights, biases = train_linear_heads(
+            X, yi, n_classes, [self.lr], [self.weight_decay], **self._recipe()
+        )
+        self.weight_, self.bias_ = weights[0], biases[0]
+
+    def _proba(self, X) -> np.ndarray:
+        return _softmax(X @ self.weight_ + self.bias_)
+
+    def _val_scores(self, X_train, y_train, X_val, y_val) -> list[dict]:
+        sweep = LinearSweep(self.lrs, self.weight_decays, **self._recipe())
+        return sweep.fit(X_train, y_train, X_val, y_val).val_scores_
+
+
+class LinearSweep:
+    """A grid of linear heads, every (lr, weight_decay) of ``lrs x weight_decays``, trained as
+    one batched model (like DINOv2's linear evaluation) and chosen on a validation split.
+
+    `fit(X, y, X_val, y_val)`: all heads are trained on (X, y) only; (X_val, y_val) only ranks
+    them. Sets ``val_scores_`` (one dict per head: lr, weight_decay, val_top1 in percent),
+    ``best_params_`` (first best in grid order on ties) and ``best_head_`` (that head as a
+    fitted `LinearHead`, trained on X). `refit(X_full, y_full)` then trains a fresh `LinearHead`
+    with ``best_params_`` on the whole train split, as the project's protocol requires.
+    """
+
+    def __init__(
+        self,
+        lrs: Sequence[float] = SWEEP_LRS,
+        weight_decays: Sequence[float] = SWEEP_WEIGHT_DECAYS,
+        *,
+        epochs: int = 90,
+        batch_size: int = 128,
+        label_smoothing: float = 0.1,
+        seed: int = 0,
+        device: str = "cpu",
+    ) -> None:
+        if not lrs or not weight_decays:
+            raise HeadError("the sweep needs at least one lr and one weight decay")
+        self.grid = [{"lr": float(lr), "weight_decay": float(wd)}
+                     for lr in lrs for wd in weight_decays]
+        self.recipe = {"epochs": epochs, "batch_size": batch_size,
+                       "label_smoothing": label_smoothing, "seed": seed, "device": device}
+
+    def fit(self, X, y, X_val, y_val) -> LinearSweep:
+        X = check_features(X)
+        y = check_labels(X, y)
+        X_val = check_features(X_val, X.shape[1], what="X_val")
+        y_val = check_labels(X_val, y_val, "y_val")
+        classes, yi = encode_labels(y)
+        weights, biases = train_linear_heads(
+            X, yi, len(classes),
+            [g["lr"] for g in self.grid], [g["weight_decay"] for g in self.grid], **self.recipe,
+        )
+        heads = []
+        for params, weight, bias in zip(self.grid, weights, biases, strict=True):
+            head = LinearHead(**params, **self.recipe)
+            head.weight_, head.bias_ = weight, bias
+            head.classes_, head.n_features_in_ = classes, X.shape[1]
+            heads.append(head)
+        self.val_scores_ = [{**params, "val_top1": head.score(X_val, y_val)}
+                            for params, head in zip(self.grid, heads)]
+        best = int(np.argmax([row["val_top1"] for row in self.val_scores_]))  # first on ties
+        self.best_index_, self.best_params_ = best, dict(self.grid[best])
+        self.best_head_ = heads[best]
+        return self
+
+    def refit(self, X_full, y_full) -> LinearHead:
+        """A new `LinearHead` with ``best_params_`` fitted on (X_full, y_full), the whole train."""
+        if not hasattr(self, "best_params_"):
+            raise NotFittedError(
+                "LinearSweep.refit needs a fitted sweep: call fit(X, y, X_val, y_val) first"
+            )
+        return LinearHead(**self.best_params_, **self.recipe).fit(X_full, y_full)

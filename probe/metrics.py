@@ -1,0 +1,46 @@
+"""Classification metrics, in percent (0-100) like the study's tables."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from probe.errors import ProbeError
+
+
+class MetricError(ProbeError, ValueError):
+    """Labels and predictions that cannot be compared."""
+
+
+def _pair(y, pred) -> tuple[np.ndarray, np.ndarray]:
+    y, pred = np.asarray(y), np.asarray(pred)
+    if y.ndim != 1 or y.shape != pred.shape or len(y) == 0:
+        raise MetricError(f"labels and predictions must be non-empty 1-D arrays of one length, "
+                          f"got shapes {y.shape} and {pred.shape}")
+    return y, pred
+
+
+def accuracy(y, pred) -> float:
+    """Top-1 accuracy in percent."""
+    y, pred = _pair(y, pred)
+    return float(np.mean(y == pred) * 100.0)
+
+
+def mean_per_class_accuracy(y, pred) -> float:
+    """Mean over the classes present in ``y`` of each class's accuracy, in percent."""
+    y, pred = _pair(y, pred)
+    classes, yi = np.unique(y, return_inverse=True)
+    correct = np.bincount(yi, weights=(y == pred), minlength=len(classes))
+    return float(np.mean(correct / np.bincount(yi, minlength=len(classes))) * 100.0)
+
+
+def group_accuracies(y, pred, groups: dict[str, np.ndarray]) -> dict[str, float | None]:
+    """Accuracy in percent within each group (a boolean row mask); None for an empty group."""
+    y, pred = _pair(y, pred)
+    out: dict[str, float | None] = {}
+    for name, member in groups.items():
+        member = np.asarray(member)
+        if member.dtype != bool or member.shape != y.shape:
+            raise MetricError(f"group {name!r} must be a boolean mask of shape {y.shape}, "
+                              f"got {member.dtype} {member.shape}")
+        out[name] = accuracy(y[member], pred[member]) if member.any() else None
+    return out

@@ -1,0 +1,186 @@
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+import probe.dump as dump_module
+from probe.backbones import create_backbone
+from probe.cli import main
+from probe.data import CUB
+from probe.data.transforms import Preprocess
+from probe.dump import add_masks, dump
+from probe.errors import ConfigMismatchError, ProbeError
+from probe.store import FeatureStore
+
+VIT = dict(backbone="test_vit", random_init=True, image_size=64, workers=0, progress=False)
+TAPS = ("L", "L-1", "L.from-masked-L-1")
+
+
+@pytest.fixture(scope="module")
+def vit_store(synth_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("features")
+    return FeatureStore.open(dump(data_root=synth_root, taps=TAPS, out=out, chunk_rows=10, **VIT))
+
+
+def _batch(synth_root, split, masked=False):
+    """Preprocessed images of a split, computed here independently of the dumper's loader."""
+    cub = CUB(synth_root, split, masks="gt")
+    pre = Preprocess(64, (0.5,) * 3, (0.5,) * 3)
+    images, masks = [], []
+    for i in range(len(cub)):
+        s = cub[i]
+        pixels = np.asarray(s.image).copy()
+        if masked:
+            pixels[~s.mask] = 0  # blacked out by hand
+        images.append(pre.image(Image.fromarray(pixels)))
+        masks.append(pre.mask(s.mask))
+    return torch.stack(images), masks
+
+
+def _close(stored, expected, tol=2e-2):
+    expected = expected.detach().float().numpy()
+    np.testing.assert_allclose(stored.astype(np.float32), expected, atol=tol * np.abs(expected).max())
+
+
+def test_vit_taps_equal_a_direct_timm_forward(vit_store, synth_root):
+    model = create_backbone("test_vit", random_init=True, image_size=64).model
+    split = vit_store.split("test")
+    x, _ = _batch(synth_root, "test")
+    with torch.no_grad():
+        tokens = model.forward_features(x)
+        h = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+        for block in model.blocks[:-1]:
+            h = block(h)
+        keep = torch.from_numpy(split.read("fgseed.gt.4x4").astype(np.float32)).reshape(len(x), -1)
+        masked = h.clone()
+        masked[:, 1:] *= keep[:, :, None]  # CLS untouched
+        from_masked = model.norm(model.blocks[-1](masked))
+    grid = lambda t: t[:, 1:].reshape(len(x), 4, 4, -1)  # noqa: E731
+    _close(split.read("prefix"), tokens[:, :1])
+    _close(split.read("L"), grid(tokens))
+    _close(split.read("L-1"), grid(h))
+    _close(split.read("L.from-masked-L-1.gt"), grid(from_masked))
+    assert not np.allclose(split.read("L.from-masked-L-1.gt"), split.read("L"), atol=1e-3)
+    np.testing.assert_array_equal(split.read("ids"), CUB(synth_root, "test").ids)
+    wb = vit_store.split("waterbirds")
+    np.testing.assert_array_equal(wb.read("place"), CUB(synth_root, "waterbirds").place)
+
+
+def test_fg_maps_are_area_averages_and_the_seed_rule(vit_store, synth_root):
+    split = vit_store.split("train")
+    _, masks = _batch(synth_root, "train")
+    area = np.stack([m[0].numpy() for m in masks]).reshape(-1, 4, 16, 4, 16).mean(axis=(2, 4))
+    nearest = np.stack([m[1].numpy() for m in masks])[:, 8::16, 8::16]  # centre pixel of each cell
+    np.testing.assert_allclose(split.read("fg.gt.4x4"), area, atol=1e-3)
+    np.testing.assert_array_equal(split.read("fgseed.gt.4x4"), nearest)
+    assert 0.05 < area.mean() < 0.8
+
+
+def test_masked_input_store_equals_images_blacked_out_by_hand(synth_root, tmp_path):
+    path = dump(data_root=synth_root, input="masked", splits=["test"], out=tmp_path, **VIT)
+    assert path.name == "masked-gt.zarr"
+    model = create_backbone("test_vit", random_init=True, image_size=64).model
+    x, _ = _batch(synth_root, "test", masked=True)
+    with torch.no_grad():
+        tokens = model.forward_features(x)
+    _close(FeatureStore.open(path).split("test").read("L"), tokens[:, 1:].reshape(len(x), 4, 4, -1))
+
+
+def test_convnext_taps_and_head_norm(synth_root, tmp_path):
+    path = dump("test_convnext", synth_root, splits=["test"], taps=TAPS, out=tmp_path,
+                random_init=True, image_size=64, workers=0, progress=False)
+    store = FeatureStore.open(path)
+    bb = create_backbone("test_convnext", random_init=True, image_size=64)
+    x, _ = _batch(synth_root, "test")
+    x = (x * 0.5 + 0.5 - torch.tensor(bb.mean)[:, None, None]) / torch.tensor(bb.std)[:, None, None]
+    with torch.no_grad():
+        expected = bb.model.forward_features(x).permute(0, 2, 3, 1)
+    _close(store.split("test").read("L"), expected, tol=3e-2)
+    assert "prefix" not in store.split("test").names()
+    np.testing.assert_allclose(store.attrs["head_norm"]["weight"],
+                               bb.model.head.norm.weight.detach().numpy())
+    assert {"fg.gt.2x2", "fgseed.gt.4x4", "L.from-masked-L-1.gt"} <= set(store.split("test").names())
+
+
+def _arrays(path):
+    store = FeatureStore.open(path)
+    return {(s, n): store.split(s).read(n) for s in store.splits() for n in store.split(s).names()
+            if not n.startswith("progress.")}
+
+
+def test_interrupted_dump_resumes_to_an_identical_store(synth_root, tmp_path, monkeypatch):
+    reference = dump(data_root=synth_root, splits=["train"], taps=TAPS, out=tmp_path / "a",
+                     chunk_rows=5, **VIT)
+    real_write, calls = dump_module._write_chunk, []
+
+    def crash_mid_chunk(split, progress, chunk, arrays):
+        calls.append(chunk)
+        if len(calls) == 3:  # half of a chunk written, its done flag never set: like kill -9
+            first = next(iter(arrays))
+            start, end = split.chunk_range(chunk)
+            split.group[first][start:end] = arrays[first] * 0 + 7
+            raise KeyboardInterrupt
+        real_write(split, progress, chunk, arrays)
+
+    monkeypatch.setattr(dump_module, "_write_chunk", crash_mid_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        dump(data_root=synth_root, splits=["train"], taps=TAPS, out=tmp_path / "b", chunk_rows=5, **VIT)
+    monkeypatch.setattr(dump_module, "_write_chunk", real_write)
+    resumed = dump(data_root=synth_root, splits=["train"], taps=TAPS, out=tmp_path / "b",
+                   chunk_rows=5, **VIT)
+    a, b = _arrays(reference), _arrays(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=str(key))
+
+
+def test_torchrun_two_processes_equal_one_process(synth_root, tmp_path):
+    one = dump(data_root=synth_root, splits=["train", "test"], out=tmp_path / "one", chunk_rows=4, **VIT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "probe", "dump", "--backbone", "test_vit", "--random-init", "--image-size", "64",
+           "--data", str(synth_root), "--splits", "train,test", "--workers", "0", "--device", "cpu",
+           "--chunk-rows", "4", "--out", str(tmp_path / "two")]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    two = tmp_path / "two" / one.relative_to(tmp_path / "one")
+    a, b = _arrays(one), _arrays(two)
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=str(key))
+
+
+def test_configuration_mismatch_is_refused(vit_store, synth_root):
+    out = vit_store.path.parents[2]
+    with pytest.raises(ConfigMismatchError, match="image_size: store has 64, requested 48"):
+        dump(data_root=synth_root, out=out, **{**VIT, "image_size": 48})
+
+
+def test_rerun_does_nothing_and_cli_says_so(vit_store, synth_root):
+    out = vit_store.path.parents[2]
+    result = CliRunner().invoke(main, ["dump", "--backbone", "test_vit", "--random-init",
+                                       "--image-size", "64", "--data", str(synth_root),
+                                       "--taps", ",".join(TAPS), "--workers", "0", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "already complete, nothing to do" in result.output
+
+
+def test_add_masks_and_missing_masks(synth_root, tmp_path):
+    data = tmp_path / "birds"
+    shutil.copytree(synth_root, data)
+    path = dump(data_root=data, splits=["test"], out=tmp_path / "f", **VIT)
+    pred = tmp_path / "pred"
+    shutil.copytree(data / "segmentations", pred)
+    add_masks(path, data, f"dir:{pred}", workers=0, progress=False)
+    split = FeatureStore.open(path).split("test")
+    np.testing.assert_array_equal(split.read("fg.pred.4x4"), split.read("fg.gt.4x4"))
+    np.testing.assert_array_equal(split.read("fgseed.pred.4x4"), split.read("fgseed.gt.4x4"))
+    victim = next(pred.rglob("*.png"))
+    victim.unlink()
+    with pytest.raises(ProbeError, match=f"1 of .* have no mask.*\n.*{victim.name}"):
+        dump(data_root=data, splits=["test"], masks=f"dir:{pred}", input="masked",
+             out=tmp_path / "f", **VIT)
