@@ -137,3 +137,154 @@ def dump(backbone, data_root, input_, masks, splits, taps, waterbirds, dataset, 
                         workers=workers, device=device, overwrite=overwrite,
                         chunk_rows=chunk_rows)
     click.echo(f"feature store: {path}")
+
+
+def _print_metrics(record: dict) -> None:
+    rows = [("eval set", "top-1", "mean/class", "worst group", "n")]
+    for name, m in record["metrics"].items():
+        worst = m.get("worst_group")
+        rows.append((name, f"{m['top1']:.2f}", f"{m['mean_per_class']:.2f}",
+                     "" if worst is None else f"{worst:.2f}", str(m["n"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+
+
+@main.command("fit")
+@click.option("--backbone", required=True, help="Backbone whose feature stores to use.")
+@click.option("--head", default="auto",
+              type=click.Choice(["auto", "cls", "patch", "cls+patch"]),
+              help="Head input: CLS token, GAP of patch tokens, or both concatenated. auto = "
+                   "cls+patch when the model has a CLS token (the study's ViT default), else patch (GAP).")
+@click.option("--mask", type=click.Choice(["none", "early", "late"]), default="none",
+              help="none = baseline; early = train on the masked-input store; late = zero "
+                   "background cells of the feature map before pooling.")
+@click.option("--stage", type=click.Choice(["L", "L-1"]), default="L",
+              help="Late masking after the last stage (L) or after the second-to-last (L-1).")
+@click.option("--mask-source", default="gt", help="Mask source name used by the stores (gt or a folder name).")
+@click.option("--fg-rule", type=click.Choice(["seed", "area"]), default="seed",
+              help="Which cells are background: seed = the study's nearest-exact resize of the "
+                   "binary mask; area = area fraction of bird below --fg-threshold.")
+@click.option("--fg-threshold", default=0.5, help="Area-fraction threshold for --fg-rule area.")
+@click.option("--pooling", type=click.Choice(["mean", "fgmean", "bg"]), default="mean",
+              help="mean = the study's pooling; fgmean = mean over foreground cells only; "
+                   "bg = foreground zeroed (what the background alone predicts).")
+@click.option("--classifier", type=click.Choice(["linear", "logreg", "knn"]), default="linear",
+              help="linear = softmax head (torch); logreg = scikit-learn L-BFGS, C chosen on val; "
+                   "knn = faiss cosine kNN, k chosen on val.")
+@click.option("--recipe", type=click.Choice(["paper", "sweep"]), default="paper",
+              help="Linear head: paper = the study's frozen recipe; sweep = a grid of lr x weight "
+                   "decay trained as one batched model, chosen on val.")
+@click.option("--views", default=0, help="Also train on this many stored augmented views per image.")
+@click.option("--seed", default=0, help="Seed of the head's initialisation and batch order.")
+@click.option("--features", type=click.Path(path_type=Path), default=Path("features"),
+              help="Root folder of feature stores.")
+@click.option("--dataset", default=None, help="Dataset name in the store path [default: inferred].")
+@click.option("--data", "data_root", type=click.Path(path_type=Path), default=None,
+              help="Dataset root (only to name the dataset and print dump commands).")
+@click.option("--results", type=click.Path(path_type=Path), default=Path("results"),
+              help="Folder of run records.")
+@click.option("--device", default="cpu", help="Device for the linear head (cpu, cuda, auto).")
+@click.option("--force", is_flag=True, help="Refit even if an identical record exists.")
+def fit_command(backbone, head, mask, stage, mask_source, fg_rule, fg_threshold, pooling,
+                classifier, recipe, views, seed, features, dataset, data_root, results, device,
+                force):
+    """Fit a head on stored features and evaluate it on every evaluation set present.
+
+    Reads the stores of `probe dump`; writes one run record (JSON) to RESULTS/runs/.
+    """
+    from probe.fit import fit
+
+    record = fit(backbone, features=features, dataset=dataset, data_root=data_root, head=head,
+                 mask=mask, stage=stage, mask_source=mask_source, fg_rule=fg_rule,
+                 fg_threshold=fg_threshold, pooling=pooling, classifier=classifier,
+                 recipe=recipe, views=views, seed=seed, results=results, force=force,
+                 device=device)
+    note = " (identical fit found; --force refits)" if record.get("reused") else ""
+    click.echo(f"record {record['id']}{note}: {Path(results) / 'runs' / (record['id'] + '.json')}")
+    _print_metrics(record)
+
+
+def _tables(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in _csv(value))
+    except ValueError:
+        raise click.BadParameter(f"expected table numbers like 3,4,5,6, got {value!r}") from None
+
+
+@main.command("run")
+@click.option("--tables", default="3,4,5,6", help="Comma-separated tables of the study to fill.")
+@click.option("--backbones", default=None,
+              help="Comma-separated backbones [default: the ones each table uses in the study].")
+@click.option("--data", "data_root", type=click.Path(path_type=Path), required=True,
+              help="CUB-200-2011 root folder.")
+@click.option("--frozen-only", is_flag=True, help="Skip the fine-tuned cells (no `probe finetune`).")
+@click.option("--masks", default="gt", help="Mask source for early and late masking.")
+@click.option("--features", type=click.Path(path_type=Path), default=Path("features"),
+              help="Root folder of feature stores.")
+@click.option("--results", type=click.Path(path_type=Path), default=Path("results"),
+              help="Folder of run records.")
+@click.option("--weights", type=click.Path(path_type=Path), default=None,
+              help="Local weights file for the backbone (one backbone only).")
+@click.option("--random-init", is_flag=True, help="Random weights (no network).")
+@click.option("--image-size", type=int, default=None, help="Override the backbones' input size.")
+@click.option("--batch-size", default=64, help="Images per forward pass when dumping.")
+@click.option("--workers", default=2, help="DataLoader workers when dumping.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              help="Device for dumps and fine-tunes.")
+def run_command(tables, backbones, data_root, frozen_only, masks, features, results, weights,
+                random_init, image_size, batch_size, workers, device):
+    """Run every missing dump, fit and fine-tune the study's tables need; skip what exists.
+
+    Interrupted? Run the same command again: finished steps are reused, a dump resumes.
+    """
+    from probe.run import run
+
+    counts = run(_tables(tables), _csv(backbones) if backbones else None, data_root=data_root,
+                 features=features, results=results, frozen_only=frozen_only, mask_source=masks,
+                 random_init=random_init, weights=weights, image_size=image_size,
+                 batch_size=batch_size, workers=workers, device=device)
+    new = counts["new_fits"] + counts["new_finetunes"]
+    click.echo(f"{counts['dumps']} stores, {counts['fits']} fits ({counts['new_fits']} new), "
+               f"{counts['finetunes']} fine-tunes ({counts['new_finetunes']} new)"
+               + ("" if new else ": nothing to do, every record already exists"))
+    click.echo(f"next: probe report --results {results}")
+
+
+@main.command("report")
+@click.option("--tables", default="3,4,5,6", help="Comma-separated tables of the study.")
+@click.option("--results", type=click.Path(path_type=Path), default=Path("results"),
+              help="Folder of run records (only read).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("reports"),
+              help="Folder for the CSV, Markdown and PNG files.")
+@click.option("--mask-source", default=None, help="Only records of this mask source [default: all].")
+def report_command(tables, results, out, mask_source):
+    """Tables 3-6 in the study's layout from run records, with the study's numbers beside ours.
+
+    Never trains: cells without a record are marked missing.
+    """
+    from probe.report import build_report
+
+    report = build_report(results, _tables(tables), out, mask_source)
+    click.echo(report.headline)
+    click.echo(f"\n{report.summary}\n\nwrote {len(report.files)} files to {out}")
+
+
+@main.command("demo")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("probe-demo"),
+              help="Folder that keeps everything: data, features, records, report.")
+@click.option("--classes", default=20, help="Synthetic bird classes.")
+@click.option("--per-class", default=24, help="Synthetic images per class.")
+@click.option("--size", default=128, help="Image side and backbone input size in pixels.")
+def demo_command(out, classes, per_class, size):
+    """The whole study on a synthetic set with two tiny random-init backbones (no network).
+
+    Generates the data, dumps features, fits the frozen cells of Tables 3-6 and writes the report.
+    """
+    from probe.run import demo
+
+    result = demo(out, classes=classes, per_class=per_class, size=size)
+    click.echo(result["report"].headline)
+    click.echo(f"\n{result['report'].summary}")
+    click.echo(f"\nreport: {Path(out) / 'reports' / 'report.md'} (tables as CSV/Markdown/PNG "
+               f"beside it); took {result['seconds']:.0f} s")

@@ -82,12 +82,14 @@ class Cell:
         """kwargs of ``probe.dump.dump`` (less the data root) for the stores a frozen fit reads.
 
         The train input's store, plus the test input's when it differs (Table 3's
-        cross-tests). Late masking at L-1 needs the L-1 tap, from which the dump also
-        computes ``L.from-masked-L-1.<mask>``. Fine-tuning reads images: no dumps.
+        cross-tests). Late masking at L-1 needs the tap ``L.from-masked-L-1`` (the last stage
+        recomputed by the dump from the background-zeroed L-1 map). Fine-tuning reads images:
+        no dumps.
         """
         if self.regime != "frozen":
             return []
-        taps = ("L", "L-1") if self.strategy == "late" and self.stage == "L-1" else ("L",)
+        late_lm1 = self.strategy == "late" and self.stage == "L-1"
+        taps = ("L", "L.from-masked-L-1") if late_lm1 else ("L",)
         inputs = dict.fromkeys((self.train_input, self.test_input))
         return [dict(backbone=self.backbone, input=i, masks=mask_source, taps=taps)
                 for i in inputs]

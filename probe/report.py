@@ -296,7 +296,7 @@ def build_report(results_dir: str | Path = "results", tables: Sequence[int] = (3
             _plot(frame, layout, Path(f"{stem}.png"), f"{layout.title}\n{section.describe()}")
             files += [Path(f"{stem}{ext}") for ext in (".csv", ".md", ".png")]
             written.append((table, has_records, text))
-        if section.compare or not section.records.empty:
+        if not section.records.empty:  # no verdicts from the study's numbers alone
             lines = "\n".join(_check(claim, values[claim.table]) for claim in CLAIMS)
             findings.append(f"## Findings\n\n{section.describe()}.\n\n{lines}\n")
     hidden = sorted(set(records.record_id) - shown)

@@ -10,6 +10,7 @@ one requested is refused with the list of differing fields.
 
 import hashlib
 import re
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,7 +129,8 @@ class FeatureStore:
             return store
         path.parent.mkdir(parents=True, exist_ok=True)
         group = zarr.open_group(path, mode="w")
-        group.attrs.update({**attrs, "probe_version": __version__, "store_format": 1})
+        group.attrs.update({**attrs, "probe_version": __version__, "store_format": 1,
+                            "store_id": uuid.uuid4().hex[:16]})  # keys caches to this build
         return cls(path, group)
 
     def check_identity(self, attrs: dict) -> None:

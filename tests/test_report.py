@@ -85,7 +85,8 @@ def test_plan_shares_fits_between_tables():
 
 def test_plan_for_table5_and_own_backbones():
     dumps, fits, finetunes = plan((5,), ["convnext_b"])
-    assert dumps[0] == dict(backbone="convnext_b", input="original", masks="gt", taps=("L", "L-1"))
+    assert dumps[0] == dict(backbone="convnext_b", input="original", masks="gt",
+                        taps=("L", "L.from-masked-L-1"))
     # The study fine-tuned L, L-1 and 0 (early); each also has its frozen counterpart.
     assert [(f["mask"], f["stage"]) for f in fits] == \
         [("late", "L"), ("late", "L-1"), ("early", "L")]

@@ -1,0 +1,223 @@
+"""`probe fit`: one frozen-backbone experiment = a pooling of stored features + a head.
+
+The train store is the original-input store (baseline, late masking) or the masked-input store
+(early masking). The fitted head is evaluated on every evaluation set the stores offer: CUB test
+and Waterbirds, each on original and masked inputs, with the same pooling (so late masking is
+applied at test time when it was applied in training). Pooled arrays are cached next to the
+store, so a second fit with the same pooling does not read the spatial tensors again.
+"""
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from probe.data.splits import stratified_holdout
+from probe.dump import FROM_MASKED
+from probe.errors import ProbeError
+from probe.heads import FROZEN_RECIPES, make_head
+from probe.metrics import accuracy, group_accuracies, mean_per_class_accuracy
+from probe.pooling import PoolSpec, pool
+from probe.results import find_record, write_record
+from probe.store import FeatureStore, Split, store_path
+
+STRATEGIES = {"none": "baseline", "early": "early", "late": "late"}
+EVAL_SPLITS = {"test": "cub", "waterbirds": "waterbirds"}
+PLACES = ("land", "water")
+BIRDS = ("landbird", "waterbird")
+
+
+def _needed(split: Split, spec: PoolSpec) -> list[str]:
+    """The arrays `spec` pools from in `split` (fg maps are named by the tap's grid)."""
+    names = [spec.tap] + (["prefix"] if spec.representation != "patch" else [])
+    if spec.mask and split.complete(spec.tap):
+        names.append(spec.fg_array(*split.group[spec.tap].shape[1:3]))
+    return names
+
+
+def pooled(store: FeatureStore, split: Split, spec: PoolSpec, rows: np.ndarray | None = None) -> np.ndarray:
+    """Pooled float32 [N, D'] of a split, streamed chunk by chunk and cached on disk."""
+    cache = store.path.with_suffix(".pooled") / store.attrs["store_id"] / split.name / f"{spec.key()}.npy"
+    if cache.is_file():
+        values = np.load(cache)
+    else:
+        tap = split[spec.tap]
+        prefix = split["prefix"] if spec.representation != "patch" else None
+        fg = split[spec.fg_array(*tap.shape[1:3])] if spec.mask else None
+        head_norm = store.attrs.get("head_norm") if spec.representation == "patch" else None
+        parts = []
+        for chunk in range(split.n_chunks):
+            lo, hi = split.chunk_range(chunk)
+            parts.append(pool(tap[lo:hi], representation=spec.representation, spatial=spec.spatial,
+                              prefix=None if prefix is None else prefix[lo:hi],
+                              keep=None if fg is None else spec.keep(fg[lo:hi]),
+                              head_norm=head_norm))
+        values = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:  # atomic: parallel fits may cache the same spec
+            np.save(f, values)
+        os.replace(tmp, cache)
+    return values if rows is None else values[rows]
+
+
+def _find_dataset(features: Path, backbone: str, data_root) -> str:
+    if data_root is not None:
+        from probe.dump import default_dataset_name
+
+        return default_dataset_name(data_root)
+    found = sorted(p.parent.name for p in features.glob(f"*/{backbone}"))
+    if len(found) == 1:
+        return found[0]
+    raise ProbeError(f"found feature stores of {backbone} for datasets {found or 'none'} under "
+                     f"{features}; pass --dataset NAME (or --data ROOT)")
+
+
+def _open_store(features, dataset, backbone, input_name, data_root, required: bool):
+    path = store_path(features, dataset, backbone, input_name)
+    if (path / "zarr.json").is_file():
+        return FeatureStore.open(path)
+    if not required:
+        return None
+    masked = input_name.startswith("masked-")
+    cmd = (f"probe dump --backbone {backbone} --data {data_root or 'ROOT'}"
+           + (f" --input masked --masks {input_name[len('masked-'):]}" if masked else ""))
+    raise ProbeError(f"no feature store {path}; create it with:\n  {cmd}")
+
+
+def pool_spec(*, head: str, mask: str, stage: str, mask_source: str, fg_rule: str,
+              fg_threshold: float, pooling: str) -> PoolSpec:
+    """The pooling that realises one (strategy, stage, head, pooling variant) of the study."""
+    if mask not in STRATEGIES:
+        raise ProbeError(f"--mask must be one of {list(STRATEGIES)}, got {mask!r}")
+    if stage not in ("L", "L-1"):
+        raise ProbeError(f"--stage must be L or L-1, got {stage!r}")
+    if stage == "L-1" and mask != "late":
+        raise ProbeError("--stage L-1 only applies to --mask late")
+    if pooling not in ("mean", "fgmean", "bg"):
+        raise ProbeError(f"--pooling must be mean, fgmean or bg, got {pooling!r}")
+    if stage == "L-1":  # masked before the last stage; the head then pools all cells, no 2nd mask
+        if pooling != "mean":
+            raise ProbeError("--stage L-1 pools the recomputed last stage plainly: use --pooling mean")
+        return PoolSpec(f"{FROM_MASKED}.{mask_source}", head, "mean")
+    spatial = pooling if pooling != "mean" else ("late" if mask == "late" else "mean")
+    if spatial == "mean":
+        return PoolSpec("L", head, "mean")
+    return PoolSpec("L", head, spatial, mask_source, fg_rule, fg_threshold)
+
+
+def _metrics(split: Split, labels: np.ndarray, pred: np.ndarray) -> dict:
+    out = {"top1": accuracy(labels, pred), "mean_per_class": mean_per_class_accuracy(labels, pred),
+           "n": int(len(labels))}
+    if "place" in split.names():
+        place, bird = split.read("place"), split.read("waterbird")
+        out["by_place"] = group_accuracies(labels, pred, {p: place == i for i, p in enumerate(PLACES)})
+        groups = {f"{b}/{p}": (bird == j) & (place == i)
+                  for j, b in enumerate(BIRDS) for i, p in enumerate(PLACES)}
+        out["by_group"] = group_accuracies(labels, pred, groups)
+        present = [v for v in out["by_group"].values() if v is not None]
+        out["worst_group"] = min(present) if present else None
+    return out
+
+
+def _make_head(classifier: str, recipe: str, kind: str, seed: int, device: str):
+    if classifier == "linear":
+        family = "vit" if kind in ("vit", "hf") else "convnext"
+        params = {**FROZEN_RECIPES[family], "seed": seed, "device": device}
+        if recipe not in ("paper", "sweep"):
+            raise ProbeError(f"--recipe must be paper or sweep, got {recipe!r}")
+        return make_head("linear", **params)
+    if classifier in ("logreg", "knn"):
+        return make_head(classifier, **({"seed": seed} if classifier == "logreg" else {}))
+    raise ProbeError(f"--classifier must be linear, logreg or knn, got {classifier!r}")
+
+
+def fit(backbone: str, *, features: str | Path = "features", dataset: str | None = None,
+        data_root=None, head: str = "auto", mask: str = "none", stage: str = "L",
+        mask_source: str = "gt", fg_rule: str = "seed", fg_threshold: float = 0.5,
+        pooling: str = "mean", classifier: str = "linear", recipe: str = "paper", views: int = 0,
+        seed: int = 0, results: str | Path = "results", force: bool = False,
+        device: str = "cpu") -> dict:
+    """Fit one head on stored features and evaluate it everywhere; returns the run record.
+
+    An identical earlier fit is reused (its record returned) unless `force`.
+    """
+    features = Path(features)
+    dataset = dataset or _find_dataset(features, backbone, data_root)
+    masked_name = f"masked-{mask_source}"
+    train_name = masked_name if mask == "early" else "original"
+    train_store = _open_store(features, dataset, backbone, train_name, data_root, required=True)
+    kind = train_store.attrs.get("kind", "vit")
+    if head == "auto":
+        head = "cls+patch" if train_store.attrs.get("num_prefix_tokens") else "patch"
+    if head != "patch" and not train_store.attrs.get("num_prefix_tokens"):
+        raise ProbeError(f"{backbone} has no CLS token; use --head patch (GAP, the study's ConvNeXt head)")
+    spec = pool_spec(head=head, mask=mask, stage=stage, mask_source=mask_source, fg_rule=fg_rule,
+                     fg_threshold=fg_threshold, pooling=pooling)
+    uses_mask = spec.mask is not None or stage == "L-1"
+    eval_stores = {"original": _open_store(features, dataset, backbone, "original", data_root, False),
+                   "masked": _open_store(features, dataset, backbone, masked_name, data_root, False)}
+    config = {
+        "dataset": dataset, "backbone": backbone, "regime": "frozen",
+        "strategy": STRATEGIES[mask], "stage": stage if mask == "late" else None,
+        "representation": head, "pooling": pooling, "mask_source": mask_source,
+        "fg_rule": (fg_rule if fg_rule == "seed" else f"area>={fg_threshold}") if uses_mask else None,
+        "train_input": "masked" if mask == "early" else "original", "classifier": classifier,
+        "recipe": recipe if classifier == "linear" else "select-on-val", "views": views, "seed": seed,
+        "stores": {k: s.attrs.get("store_id") for k, s in eval_stores.items() if s is not None},
+    }
+    if not force and (previous := find_record(config, results)) is not None:
+        previous["reused"] = True
+        return previous
+
+    started = time.perf_counter()
+    train = train_store.split("train")
+    X = pooled(train_store, train, spec)
+    y = train.read("labels")
+    if views:
+        X, y = _with_views(train_store, spec, X, y, views)
+    pooled_seconds = time.perf_counter() - started
+    model = _make_head(classifier, recipe, kind, seed, device)
+    if classifier == "linear" and recipe == "paper":
+        model.fit(X, y)
+        chosen = {"lr": model.lr, "weight_decay": model.weight_decay, "epochs": model.epochs}
+    else:  # choose on val only (a stratified 10% of train), then refit on all of train
+        val = stratified_holdout(train.read("ids"), train.read("labels"))
+        val_rows = np.concatenate([val, np.zeros(len(y) - len(val), bool)])  # views never in val
+        model.fit_select(X[~val_rows], y[~val_rows], X[val_rows], y[val_rows], X, y)
+        chosen = dict(model.chosen_)
+    fit_seconds = time.perf_counter() - started - pooled_seconds
+
+    metrics = {}
+    for test_input, store in eval_stores.items():
+        for split_name, eval_name in EVAL_SPLITS.items():
+            if store is None or not store.has_split(split_name):
+                continue
+            split = store.split(split_name)
+            if not all(split.complete(n) for n in _needed(split, spec)):
+                continue  # e.g. a masked-input store dumped without the L-1 recomputation
+            labels = split.read("labels")
+            metrics[f"{eval_name}/{test_input}"] = _metrics(
+                split, labels, model.predict(pooled(store, split, spec)))
+    record = {"kind": "fit", "config": config, "chosen": chosen, "metrics": metrics,
+              "timings": {"pool_seconds": round(pooled_seconds, 3),
+                          "fit_seconds": round(fit_seconds, 3),
+                          "total_seconds": round(time.perf_counter() - started, 3)},
+              "pool_spec": spec.key()}
+    record["path"] = str(write_record(record, results))
+    return record
+
+
+def _with_views(store: FeatureStore, spec: PoolSpec, X, y, views: int):
+    """Append the store's augmented train views (split `train.aug`) to the training rows."""
+    if not store.has_split("train.aug"):
+        raise ProbeError(f"{store.path} has no augmented views; dump them with --views {views}")
+    aug = store.split("train.aug")
+    view = aug.read("view")
+    rows = np.flatnonzero(view < views)
+    if int(view.max(initial=-1)) + 1 < views:
+        raise ProbeError(f"{store.path} holds {int(view.max(initial=-1)) + 1} views per image; "
+                         f"asked for {views}; dump again with --views {views}")
+    return (np.concatenate([X, pooled(store, aug, spec, rows)]),
+            np.concatenate([y, aug.read("labels")[rows]]))
