@@ -299,6 +299,9 @@ def build_report(results_dir: str | Path = "results", tables: Sequence[int] = (3
         if not section.records.empty:  # no verdicts from the study's numbers alone
             lines = "\n".join(_check(claim, values[claim.table]) for claim in CLAIMS)
             findings.append(f"## Findings\n\n{section.describe()}.\n\n{lines}\n")
+    if records.empty:
+        findings.append(f"No run records in {results_dir}: fill them with `probe fit` or "
+                        "`probe run`; only the study's numbers are shown.\n")
     hidden = sorted(set(records.record_id) - shown)
     if hidden:  # never drop records silently
         findings.append(f"{len(hidden)} record(s) in no table shown (outside the requested"

@@ -188,6 +188,6 @@ def test_empty_results_still_show_the_study(tmp_path):
     t4 = pd.read_csv(tmp_path / "out" / "table4-cub.csv")
     assert t4.filter(like=": ours").isna().all().all()
     assert t4.filter(like=": paper").notna().sum().sum() == 24
-    assert result.summary.count("not enough records") == 5
+    assert "No run records in" in result.summary and "not enough records" not in result.summary
     with pytest.raises(ProbeError, match="no such table"):
         build_report(tmp_path / "none", tables=(2,), out=tmp_path / "out")

@@ -1,0 +1,130 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+import probe.fit as fit_module
+from probe.cli import main
+from probe.data.splits import stratified_holdout
+from probe.errors import ProbeError
+from probe.fit import fit
+from probe.heads import LinearHead
+from probe.metrics import accuracy
+from probe.run import demo, run
+from probe.store import FeatureStore
+
+
+@pytest.fixture(scope="module")
+def small_demo(tmp_path_factory):
+    """The demo pipeline on a small synthetic set: stores, records and report for two backbones."""
+    out = tmp_path_factory.mktemp("demo")
+    return out, demo(out, classes=6, per_class=10, size=64, progress=False)
+
+
+def _store(out, backbone, input_name="original"):
+    return FeatureStore.open(out / "features" / "birds" / backbone / f"{input_name}.zarr")
+
+
+def test_demo_writes_every_table_and_early_masking_holds_out_of_distribution(small_demo):
+    out, result = small_demo
+    reports = out / "reports"
+    for table in (3, 4, 5, 6):
+        for ext in ("csv", "md", "png"):
+            assert (reports / f"table{table}-birds.{ext}").is_file(), (table, ext)
+    assert (reports / "report.md").is_file() and "Table 4" in result["report"].headline
+    records = [json.loads(p.read_text()) for p in (out / "results" / "runs").glob("*.json")]
+    for backbone in ("test_vit", "test_convnext"):
+        by_strategy = {r["config"]["strategy"]: r["metrics"] for r in records
+                       if r["config"]["backbone"] == backbone and r["config"]["stage"] is None
+                       and r["config"]["representation"] in ("cls+patch", "patch")}
+        baseline = by_strategy["baseline"]["waterbirds/original"]["top1"]
+        early = by_strategy["early"]["waterbirds/masked"]["top1"]
+        assert early > baseline + 20, (backbone, baseline, early)
+    t4 = pd.read_csv(reports / "table4-birds.csv")
+    assert set(t4.iloc[:, 0]) >= {"test_vit", "test_convnext"}
+
+
+def test_second_run_reuses_everything(small_demo):
+    out, _ = small_demo
+    counts = run((3, 4, 5, 6), ("test_vit", "test_convnext"), data_root=out / "birds",
+                 features=out / "features", results=out / "results", frozen_only=True,
+                 random_init=True, image_size=64, workers=0, device="cpu", progress=False)
+    assert counts["new_fits"] == 0 and counts["fits"] > 0
+
+
+def test_fit_equals_an_independent_pooling_and_head(small_demo):
+    out, _ = small_demo
+    record = fit("test_vit", features=out / "features", mask="late", head="cls+patch",
+                 results=out / "results", force=True)
+    store = _store(out, "test_vit")
+    train, wb = store.split("train"), store.split("waterbirds")
+
+    def features(split):  # late masking by hand: zero background cells, divide by all cells
+        grid = split.read("L").astype(np.float32)
+        keep = split.read("fgseed.gt.4x4").astype(np.float32)[..., None]
+        patch = (grid * keep).sum(axis=(1, 2)) / (grid.shape[1] * grid.shape[2])
+        return np.concatenate([split.read("prefix")[:, 0].astype(np.float32), patch], axis=1)
+
+    head = LinearHead(lr=1e-3, weight_decay=1e-2, seed=0).fit(features(train), train.read("labels"))
+    pred = head.predict(features(wb))
+    labels, place, bird = wb.read("labels"), wb.read("place"), wb.read("waterbird")
+    got = record["metrics"]["waterbirds/original"]
+    assert got["top1"] == pytest.approx(accuracy(labels, pred), abs=1e-9)
+    assert got["n"] == len(labels)
+    water = place == 1
+    assert got["by_place"]["water"] == pytest.approx(accuracy(labels[water], pred[water]))
+    groups = [accuracy(labels[(bird == b) & (place == p)], pred[(bird == b) & (place == p)])
+              for b in (0, 1) for p in (0, 1) if ((bird == b) & (place == p)).any()]
+    assert got["worst_group"] == pytest.approx(min(groups))
+
+
+def test_pooled_cache_and_record_reuse(small_demo, monkeypatch):
+    out, _ = small_demo
+    first = fit("test_convnext", features=out / "features", mask="late", results=out / "results")
+    assert first.get("reused")  # the demo already made this exact fit
+
+    def no_spatial_reads(*args, **kwargs):
+        raise AssertionError("pooling ran again instead of using the cache")
+
+    monkeypatch.setattr(fit_module, "pool", no_spatial_reads)
+    knn = fit("test_convnext", features=out / "features", mask="late", classifier="knn",
+              results=out / "results")
+    assert not knn.get("reused") and knn["config"]["recipe"] == "select-on-val"
+    assert set(knn["metrics"]) == {"cub/original", "waterbirds/original", "cub/masked",
+                                   "waterbirds/masked"}
+    assert "k" in knn["chosen"]
+
+
+def test_validation_rows_come_from_train_only(small_demo):
+    out, _ = small_demo
+    store = _store(out, "test_vit")
+    train, test = store.split("train"), store.split("test")
+    held = stratified_holdout(train.read("ids"), train.read("labels"))
+    val_ids = set(train.read("ids")[held])
+    assert val_ids and val_ids.isdisjoint(test.read("ids"))
+    record = fit("test_vit", features=out / "features", classifier="logreg",
+                 results=out / "results")
+    assert record["chosen"]["C"] in np.logspace(-3, 2, 6)
+    assert record["metrics"]["cub/original"]["n"] == len(test.read("ids"))
+
+
+def test_errors_name_the_fix(small_demo, tmp_path):
+    out, _ = small_demo
+    with pytest.raises(ProbeError, match="probe dump --backbone test_vit --data ROOT --input masked"):
+        fit("test_vit", features=tmp_path, dataset="birds", mask="early")
+    with pytest.raises(ProbeError, match="has no CLS token; use --head patch"):
+        fit("test_convnext", features=out / "features", head="cls")
+    with pytest.raises(ProbeError, match="--stage L-1 only applies to --mask late"):
+        fit("test_vit", features=out / "features", stage="L-1")
+
+
+def test_cli_fit_prints_every_eval_set(small_demo):
+    out, _ = small_demo
+    result = CliRunner().invoke(main, ["fit", "--backbone", "test_vit", "--mask", "early",
+                                       "--features", str(out / "features"),
+                                       "--results", str(out / "results")])
+    assert result.exit_code == 0, result.output
+    for name in ("cub/original", "cub/masked", "waterbirds/original", "waterbirds/masked"):
+        assert name in result.output
