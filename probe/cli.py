@@ -110,11 +110,15 @@ def _csv(value: str) -> list[str]:
 @click.option("--chunk-rows", type=int, default=None,
               help="Images per Zarr chunk (the unit of resuming and of torchrun work sharing) "
                    "[default: about 16 MiB of the widest array].")
+@click.option("--views", default=0,
+              help="Also store this many augmented views of every train image (split train.aug), "
+                   "made with the study's frozen-recipe training transform; masks follow the "
+                   "geometry. Approximates the study's on-line augmentation (`probe fit --views`).")
 @click.option("--add-masks", default=None, metavar="SOURCE",
               help="Only add the foreground maps of another mask source (dir:PATH) to the existing "
                    "store of --backbone/--input; no features are recomputed.")
 def dump(backbone, data_root, input_, masks, splits, taps, waterbirds, dataset, weights, random_init,
-         image_size, batch_size, workers, device, out, overwrite, chunk_rows, add_masks):
+         image_size, batch_size, workers, device, out, overwrite, chunk_rows, views, add_masks):
     """Run a frozen backbone once per image and store its spatial features (Zarr).
 
     Writes OUT/<dataset>/<backbone>/<input>.zarr. Interrupted? Run the same command again: it
@@ -135,7 +139,7 @@ def dump(backbone, data_root, input_, masks, splits, taps, waterbirds, dataset, 
                         dataset=dataset, waterbirds_root=waterbirds, weights=weights,
                         random_init=random_init, image_size=image_size, batch_size=batch_size,
                         workers=workers, device=device, overwrite=overwrite,
-                        chunk_rows=chunk_rows)
+                        chunk_rows=chunk_rows, views=views)
     click.echo(f"feature store: {path}")
 
 

@@ -28,6 +28,7 @@ from probe.errors import ProbeError
 from probe.store import ArraySpec, FeatureStore, Split, fg_array_name, safe_name, store_path
 
 FROM_MASKED = "L.from-masked-L-1"
+AUG_SPLIT = "train.aug"  # K augmented views of every train image, with a view index
 TAPS = ("L", "L-1", FROM_MASKED)
 
 
@@ -47,35 +48,51 @@ def input_name(input: str, masks: MaskSource) -> str:
     return f"masked-{masks.name}"
 
 
+def view_seed(image_id: int, view: int) -> int:
+    """An augmented view's randomness depends only on (image id, view): not on worker or rank."""
+    return int(np.random.SeedSequence([image_id, view]).generate_state(1)[0])
+
+
 class _Items(torch.utils.data.Dataset):
-    """Decoded, preprocessed rows of one split: what a DataLoader worker produces."""
+    """Decoded, preprocessed rows of one split: what a DataLoader worker produces.
+
+    With `views` = K > 0, row r is augmented view r % K of image r // K (split `train.aug`).
+    """
 
     def __init__(self, cub: CUB, preprocess: Preprocess, need_image: bool,
-                 early: MaskSource | None, fg: MaskSource | None):
+                 early: MaskSource | None, fg: MaskSource | None, views: int = 0):
         self.cub, self.preprocess, self.need_image = cub, preprocess, need_image
-        self.early, self.fg = early, fg
+        self.early, self.fg, self.views = early, fg, views
         self.waterbirds = cub.split == "waterbirds"
 
     def __len__(self):
-        return len(self.cub)
+        return len(self.cub) * max(self.views, 1)
 
     def _mask(self, source: MaskSource, i: int, size) -> np.ndarray:
         return source.load(self.cub.root, self.cub.paths[i], size, self.waterbirds)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, row: int) -> dict:
+        i, view = divmod(row, self.views) if self.views else (row, None)
         path = self.cub.image_path(i)
-        item = {"row": i}
+        item = {"row": row}
         if self.need_image:
             image = load_rgb(path)
             if self.early is not None:
                 image = early_mask(image, self._mask(self.early, i, image.size))
-            item["image"] = self.preprocess.image(image)
             size = image.size
         else:
             with Image.open(path) as im:  # reads the header only
                 size = im.size
-        if self.fg is not None:
-            item["fg_area"], item["fg_nearest"] = self.preprocess.mask(self._mask(self.fg, i, size))
+        mask = self._mask(self.fg, i, size) if self.fg is not None else None
+        if view is not None:
+            seed = view_seed(int(self.cub.ids[i]), view)
+            item["image"], area, nearest = self.preprocess.augmented(image, mask, seed)
+        else:
+            if self.need_image:
+                item["image"] = self.preprocess.image(image)
+            area, nearest = self.preprocess.mask(mask) if mask is not None else (None, None)
+        if mask is not None:
+            item["fg_area"], item["fg_nearest"] = area, nearest
         return item
 
 
@@ -258,7 +275,7 @@ def dump(backbone: str, data_root: str | Path, *, input: str = "original", masks
          splits=None, taps=("L",), out: str | Path = "features", dataset: str | None = None,
          waterbirds_root=None, weights=None, random_init: bool = False, image_size=None,
          batch_size: int = 64, workers: int = 2, device: str = "auto", overwrite: bool = False,
-         chunk_rows: int | None = None, progress: bool = True,
+         chunk_rows: int | None = None, views: int = 0, progress: bool = True,
          model_kwargs: dict | None = None) -> Path:
     """Dump the features of every image of `splits` into a store; returns the store's path.
 
@@ -301,14 +318,20 @@ def dump(backbone: str, data_root: str | Path, *, input: str = "original", masks
         specs.update(_fg_specs(grids, source))
     row_bytes = max(int(np.prod(s.tail)) * 2 for s in specs.values())
     wrote = False
-    for split_name in _splits(root, splits, waterbirds_root):
-        cub = CUB(root, split_name, waterbirds_root=waterbirds_root)
+    split_names = _splits(root, splits, waterbirds_root)
+    if views and "train" in split_names:
+        split_names.append(AUG_SPLIT)
+    for split_name in split_names:
+        k = views if split_name == AUG_SPLIT else 0
+        cub = CUB(root, "train" if k else split_name, waterbirds_root=waterbirds_root)
         if source.kind != "none":
             _check_masks(cub, source)
-        index = {"ids": cub.ids, "labels": cub.labels}
+        index = {"ids": np.repeat(cub.ids, max(k, 1)), "labels": np.repeat(cub.labels, max(k, 1))}
+        if k:
+            index["view"] = np.tile(np.arange(k), len(cub))
         if cub.waterbird is not None:
             index.update(waterbird=cub.waterbird, place=cub.place)
-        split = (store.create_split(split_name, len(cub), row_bytes, index, chunk_rows)
+        split = (store.create_split(split_name, len(index["ids"]), row_bytes, index, chunk_rows)
                  if rt.rank == 0 else None)
         rt.barrier()
         split = split or store.split(split_name)
@@ -317,7 +340,7 @@ def dump(backbone: str, data_root: str | Path, *, input: str = "original", masks
         wrote = True
         items = _Items(cub, preprocess, need_image=True,
                        early=source if input == "masked" else None,
-                       fg=source if source.kind != "none" else None)
+                       fg=source if source.kind != "none" else None, views=k)
         _run_split(split, items, specs, model, rt, batch_size, workers, progress)
     if not wrote and rt.rank == 0 and progress:
         print(f"{path}: already complete, nothing to do")
@@ -339,11 +362,13 @@ def add_masks(store: str | Path, data_root: str | Path, masks: str, *, waterbird
     for split_name in fs.splits():
         split = fs.split(split_name)
         grids = {tuple(split.group[n].shape[1:3]) for n in split.names() if n in TAPS}
-        cub = CUB(root, split_name, waterbirds_root=waterbirds_root)
-        if not np.array_equal(cub.ids, split.read("ids")):
+        k = int(split.read("view").max(initial=-1)) + 1 if split_name == AUG_SPLIT else 0
+        cub = CUB(root, "train" if k else split_name, waterbirds_root=waterbirds_root)
+        if not np.array_equal(np.repeat(cub.ids, max(k, 1)), split.read("ids")):
             raise ProbeError(f"{root} does not hold the images of split {split_name!r} of {store}")
         _check_masks(cub, source)
-        items = _Items(cub, preprocess, need_image=False, early=early, fg=source)
+        # an augmented view's geometry is drawn from the decoded image, so views decode it
+        items = _Items(cub, preprocess, need_image=bool(k), early=early, fg=source, views=k)
         _run_split(split, items, _fg_specs(grids, source), None, rt, batch_size, workers, progress)
     return Path(store)
 

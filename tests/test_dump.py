@@ -184,3 +184,22 @@ def test_add_masks_and_missing_masks(synth_root, tmp_path):
     with pytest.raises(ProbeError, match=f"1 of .* have no mask.*\n.*{victim.name}"):
         dump(data_root=data, splits=["test"], masks=f"dir:{pred}", input="masked",
              out=tmp_path / "f", **VIT)
+
+
+def test_augmented_views_store_the_geometry_of_each_view(synth_root, tmp_path):
+    from probe.dump import view_seed
+
+    path = dump(data_root=synth_root, splits=["train"], views=2, out=tmp_path, **VIT)
+    aug = FeatureStore.open(path).split("train.aug")
+    cub = CUB(synth_root, "train", masks="gt")
+    np.testing.assert_array_equal(aug.read("ids"), np.repeat(cub.ids, 2))
+    np.testing.assert_array_equal(aug.read("view"), np.tile([0, 1], len(cub)))
+    pre = Preprocess(64, (0.5,) * 3, (0.5,) * 3)
+    fg = aug.read("fg.gt.4x4")
+    for row in (0, 1, 7):
+        sample = cub[row // 2]
+        _, area, _ = pre.augmented(sample.image, sample.mask, view_seed(sample.image_id, row % 2))
+        np.testing.assert_allclose(fg[row], area.reshape(4, 16, 4, 16).mean(axis=(1, 3)), atol=1e-3)
+    assert not np.array_equal(aug.read("L")[0], aug.read("L")[1])  # two different views
+    again = dump(data_root=synth_root, splits=["train"], views=2, out=tmp_path / "again", **VIT)
+    np.testing.assert_array_equal(FeatureStore.open(again).split("train.aug").read("L"), aug.read("L"))

@@ -31,9 +31,9 @@ FROZEN_RECIPES = {
     "vit": {"lr": 1e-3, "weight_decay": 1e-2},
     "convnext": {"lr": 4e-3, "weight_decay": 5e-2},
 }
-# Sweep grid around the study's values (both families' lr and wd are in it): 6 x 4 = 24 heads.
-SWEEP_LRS = (1e-4, 3e-4, 1e-3, 4e-3, 1e-2, 3e-2)
-SWEEP_WEIGHT_DECAYS = (0.0, 1e-2, 5e-2, 5e-1)
+# Sweep grid around the study's values (both families' lr and wd are in it): 4 x 3 = 12 heads.
+SWEEP_LRS = (3e-4, 1e-3, 4e-3, 1e-2)
+SWEEP_WEIGHT_DECAYS = (0.0, 1e-2, 5e-2)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -70,17 +70,13 @@ def train_linear_heads(
     init = torch.randn(d, n_classes, generator=gen) * 0.01
     weight = init.expand(h, d, n_classes).clone().to(dev).requires_grad_()
     bias = torch.zeros(h, n_classes, device=dev, requires_grad=True)
-    # One AdamW with per-head param groups; each head's parameters are views of the batched
-    # tensors, so the optimiser updates them in place and the forward stays one matmul.
-    groups, links = [], []  # links: (per-head parameter, batched tensor, head index)
-    for i, (lr, wd) in enumerate(zip(lrs, weight_decays, strict=True)):
-        for tensor, decay in ((weight, wd), (bias, 0.0)):
-            param = torch.nn.Parameter(tensor.detach()[i])
-            groups.append({"params": [param], "lr": lr, "weight_decay": decay})
-            links.append((param, tensor, i))
-    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999))
+    base_lr = torch.tensor(lrs, dtype=torch.float32, device=dev)
+    decay = torch.tensor(weight_decays, dtype=torch.float32, device=dev)
+    adam = [_BatchedAdamW(weight, decay), _BatchedAdamW(bias, torch.zeros_like(decay))]
     steps = epochs * math.ceil(n / batch_size)
-    scheduler = CosineLRScheduler(optimizer, t_initial=steps, t_in_epochs=False)
+    # timm's cosine schedule drives a unit-lr optimiser; its lr is the factor for every head
+    unit = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    scheduler = CosineLRScheduler(unit, t_initial=steps, t_in_epochs=False)
 
     Xd, yd = torch.tensor(X, device=dev), torch.tensor(yi, dtype=torch.int64, device=dev)
     step = 0
@@ -94,12 +90,39 @@ def train_linear_heads(
             weight.grad = bias.grad = None
             # Sum of per-head means: each head gets exactly the gradient of its own loss.
             loss.view(h, -1).mean(dim=1).sum().backward()
-            for param, tensor, i in links:
-                param.grad = tensor.grad[i]
-            optimizer.step()
+            lr = base_lr * unit.param_groups[0]["lr"]
+            for state in adam:
+                state.step(lr)
             step += 1
             scheduler.step_update(step)
     return weight.detach().cpu().numpy(), bias.detach().cpu().numpy()
+
+
+class _BatchedAdamW:
+    """torch's AdamW update (betas 0.9/0.999, eps 1e-8) with one lr and weight decay per head.
+
+    One tensor operation per step for all heads: a param group per head costs a Python loop
+    over the heads at every step, which dominated the sweep's time.
+    """
+
+    def __init__(self, param: torch.Tensor, weight_decay: torch.Tensor,
+                 betas=(0.9, 0.999), eps: float = 1e-8):
+        self.param, self.betas, self.eps, self.t = param, betas, eps, 0
+        self.shape = (-1,) + (1,) * (param.dim() - 1)  # broadcast [H] over each head's tensor
+        self.weight_decay = weight_decay.view(self.shape)
+        self.exp_avg = torch.zeros_like(param)
+        self.exp_avg_sq = torch.zeros_like(param)
+
+    @torch.no_grad()
+    def step(self, lr: torch.Tensor) -> None:
+        b1, b2 = self.betas
+        self.t += 1
+        grad, lr = self.param.grad, lr.view(self.shape)
+        self.param.mul_(1 - lr * self.weight_decay)
+        self.exp_avg.lerp_(grad, 1 - b1)
+        self.exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        denom = (self.exp_avg_sq.sqrt() / math.sqrt(1 - b2 ** self.t)).add_(self.eps)
+        self.param.sub_(lr / (1 - b1 ** self.t) * self.exp_avg / denom)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

@@ -1,15 +1,11 @@
 """Foreground-background masks: train a binary segmenter on CUB's annotations, predict mask
 folders usable as `dir:PATH` mask sources, measure their IoU, and derive masks without labels.
 
-    train(...)        -> a segmenter folder (segmenter.json + segmenter.safetensors)
-    predict(...)      -> masks/NAME/<rel>.png (CUB) and masks/NAME/waterbirds/<rel>.png
-    evaluate(...)     -> mean / foreground IoU per split against the CUB ground truth
-    unsupervised(...) -> the same folder format from a frozen backbone's own features
+    probe.segment.train.train(...)                -> segmenter folder (json + safetensors)
+    probe.segment.predict.predict(...)            -> masks/NAME/<rel>.png, masks/NAME/waterbirds/...
+    probe.segment.evaluate.evaluate(...)          -> mean / foreground IoU per split
+    probe.segment.unsupervised.unsupervised(...)  -> the same folder format, without labels
+
+Each function lives in the module of its name (as probe.dump.dump does), so the modules stay
+importable as modules.
 """
-
-from probe.segment.evaluate import evaluate
-from probe.segment.predict import predict
-from probe.segment.train import train
-from probe.segment.unsupervised import unsupervised
-
-__all__ = ["evaluate", "predict", "train", "unsupervised"]

@@ -1,0 +1,44 @@
+"""Atomic file writes and the provenance file of a mask folder."""
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+from probe.errors import ConfigMismatchError
+
+SOURCE_FILE = "source.json"  # in a mask folder: what produced its masks
+
+
+@contextlib.contextmanager
+def atomic(path: Path):
+    """Yield a temporary path next to `path`; it becomes `path` only if the block succeeds, so a
+    file that exists is always complete (this is what makes predict and train resumable)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, data: dict) -> None:
+    with atomic(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def claim_mask_folder(folder: Path, config: dict) -> None:
+    """Record what makes this folder's masks; refuse to mix masks of two producers in one folder
+    (an interrupted run resumes only with the same model or method)."""
+    path = folder / SOURCE_FILE
+    config = json.loads(json.dumps(config))  # tuples -> lists, as they read back
+    if path.is_file():
+        found = json.loads(path.read_text(encoding="utf-8"))
+        if found != config:
+            keys = sorted(k for k in set(found) | set(config) if found.get(k) != config.get(k))
+            raise ConfigMismatchError(
+                f"{folder} holds masks made with another configuration (differs in "
+                f"{', '.join(keys)}; see {path}); choose another --out or delete that folder")
+        return
+    write_json(path, config)
