@@ -292,3 +292,10 @@ def demo_command(out, classes, per_class, size):
     click.echo(f"\n{result['report'].summary}")
     click.echo(f"\nreport: {Path(out) / 'reports' / 'report.md'} (tables as CSV/Markdown/PNG "
                f"beside it); took {result['seconds']:.0f} s")
+
+
+
+# Verbs that live with their own package; their modules import only click at the top level.
+from probe.segment.commands import segment  # noqa: E402
+
+main.add_command(segment)

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from probe.data.cub import CUB, WATERBIRDS_DIRNAME
 from probe.data.images import load_rgb
+from probe.data.loading import guarded_loader
 from probe.data.masks import MaskSource, early_mask
 from probe.data.transforms import Preprocess
 from probe.errors import ProbeError
@@ -199,9 +200,8 @@ def _run_split(split: Split, items: _Items, specs: dict[str, ArraySpec], backbon
     chunks = [c for c in range(split.n_chunks) if c % rt.world == rt.rank and not done[c]]
     taps = [n for n in pending if n in TAPS or n.startswith(FROM_MASKED)]
     need_forward = bool(taps) or "prefix" in pending
-    loader = torch.utils.data.DataLoader(
-        items, batch_sampler=_Batches(split, chunks, batch_size), num_workers=workers,
-        pin_memory=rt.device.type == "cuda", persistent_workers=False)
+    loader = guarded_loader(items, batch_sampler=_Batches(split, chunks, batch_size),
+                            num_workers=workers, pin_memory=rt.device.type == "cuda")
     ids = split.read("ids")
     todo = sum(split.chunk_range(c)[1] - split.chunk_range(c)[0] for c in chunks)
     bar = tqdm(total=todo, desc=f"{split.name}", unit="img", disable=not progress_bar or rt.rank)

@@ -70,8 +70,11 @@ def _find_dataset(features: Path, backbone: str, data_root) -> str:
     found = sorted(p.parent.name for p in features.glob(f"*/{backbone}"))
     if len(found) == 1:
         return found[0]
-    raise ProbeError(f"found feature stores of {backbone} for datasets {found or 'none'} under "
-                     f"{features}; pass --dataset NAME (or --data ROOT)")
+    if not found:
+        raise ProbeError(f"no feature stores of {backbone} under {features}; create them with "
+                         f"`probe dump --backbone {backbone} --data ROOT` (or pass --features)")
+    raise ProbeError(f"{features} holds stores of {backbone} for several datasets ({', '.join(found)}); "
+                     "pass --dataset NAME (or --data ROOT)")
 
 
 def _open_store(features, dataset, backbone, input_name, data_root, required: bool):

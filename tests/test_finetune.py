@@ -87,7 +87,7 @@ def test_features_equal_the_dumped_taps(synth_root, tmp_path, name):
         plain, _ = model.features(x)
     for stored, ours in ((split.read("L.from-masked-L-1.gt"), masked), (split.read("L"), plain)):
         np.testing.assert_allclose(stored.astype(np.float32), ours.numpy(),
-                                   atol=1e-2 * float(ours.abs().max()))
+                                   atol=2e-3 * float(ours.abs().max()))  # float16 storage
     assert not np.allclose(masked.numpy(), plain.numpy(), atol=1e-3)
 
 
@@ -114,7 +114,8 @@ def test_recipes():
     assert make_recipe("paper", "convnext_b").drop_path == 0.2
     assert make_recipe("paper", "vit_b").drop_path == 0.1
     frozen = make_recipe("frozen", "vit_b")
-    assert (frozen.lr, frozen.weight_decay, frozen.batch_size, frozen.epochs) == (1e-3, 1e-2, 128, 90)
+    assert (frozen.lr, frozen.weight_decay, frozen.batch_size, frozen.epochs) == \
+        (1e-3, 1e-2, 128, 90)
     assert make_recipe("frozen", "convnext_s").lr == 4e-3
     assert make_recipe("paper", "vit_b").label("vit_b") == "paper"
     assert make_recipe("paper", "vit_b", epochs=30).label("vit_b") == "paper(epochs=30)"

@@ -36,7 +36,7 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
 
 
 def save(run_dir: Path, epoch: int, model: torch.nn.Module, state: dict) -> Path:
-    """Write checkpoint ``epoch`` (``state``: optimizer, scheduler, counters) and drop older ones."""
+    """Write checkpoint ``epoch`` (``state``: optimizer, scheduler, counters); drop older ones."""
     final = run_dir / f"{PREFIX}{epoch:04d}"
     tmp = run_dir / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -11,28 +11,31 @@ import click
 
 from probe.errors import ProbeError
 
-_RECIPE_OPTIONS = [  # (option, type, help); None = the recipe's value
+_RECIPE_OPTIONS = [  # (option, type, help); not given = the recipe's value
     ("--epochs", int, "Training epochs [paper: 300, frozen: 90]."),
     ("--batch-size", int, "Images per optimiser step over all GPUs [paper: 64, frozen: 128]."),
     ("--lr", float, "Learning rate of the new linear head [paper: 4e-3; frozen: 1e-3 ViT, "
                     "4e-3 ConvNeXt]."),
     ("--backbone-lr", float, "Learning rate of the pretrained backbone [paper: 4e-6]."),
-    ("--weight-decay", float, "AdamW weight decay, never on norms, biases, position embeddings "
-                              "and CLS/register tokens [paper: 5e-2; frozen: 1e-2 ViT, 5e-2 ConvNeXt]."),
-    ("--warmup-epochs", int, "Linear warm-up epochs before the cosine decay [paper: 20, frozen: 0]."),
+    ("--weight-decay", float, "AdamW weight decay, never on norms, biases, position "
+                              "embeddings and CLS/register tokens [paper: 5e-2; frozen: 1e-2 "
+                              "ViT, 5e-2 ConvNeXt]."),
+    ("--warmup-epochs", int, "Linear warm-up epochs, then cosine decay [paper: 20, frozen: 0]."),
     ("--min-lr", float, "Learning rate at the end of the cosine decay [0]."),
     ("--label-smoothing", float, "Label smoothing [0.1]."),
     ("--mixup", float, "Mixup alpha, 0 = off [paper: 0.8, frozen: 0]."),
     ("--cutmix", float, "CutMix alpha, 0 = off [paper: 1.0, frozen: 0]."),
     ("--rand-augment", str, "timm RandAugment config, '' = off [rand-m9-mstd0.5]."),
     ("--random-erasing", float, "Random erasing probability [0.25]."),
-    ("--drop-path", float, "Stochastic depth [paper: 0.1 ViT, 0.1/0.2/0.3 ConvNeXt S/B/L; frozen: 0]."),
+    ("--drop-path", float, "Stochastic depth [paper: 0.1 ViT, 0.1/0.2/0.3 ConvNeXt S/B/L; "
+                           "frozen: 0]."),
 ]
 
 
 def _recipe_options(command):
     for name, kind, text in reversed(_RECIPE_OPTIONS):
-        command = click.option(name, type=kind, default=None, show_default=False, help=text)(command)
+        command = click.option(name, type=kind, default=None, show_default=False,
+                               help=text)(command)
     return command
 
 

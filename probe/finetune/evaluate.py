@@ -20,7 +20,8 @@ BIRDS = ("landbird", "waterbird")
 
 @torch.inference_mode()
 def predict(model: MaskedClassifier, items: EvalItems, *, device: torch.device, rank: int = 0,
-            world: int = 1, batch_size: int = 64, workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
+            world: int = 1, batch_size: int = 64,
+            workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(image ids, predicted classes) of every image of ``items``, in ascending id order."""
     rows = list(range(rank, len(items), world))  # disjoint strides: no padding, no duplicates
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(items, rows),

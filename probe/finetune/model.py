@@ -51,8 +51,8 @@ class MaskedClassifier(torch.nn.Module):
     def _head_norm(self):
         # Not a submodule of ours: registering it twice would duplicate its weights on disk.
         norm = getattr(getattr(self.backbone.model, "head", None), "norm", None)
-        return norm if self.backbone.kind == "convnext" and getattr(norm, "weight", None) is not None \
-            else None
+        has_weight = getattr(norm, "weight", None) is not None  # head_norm_first: an Identity
+        return norm if self.backbone.kind == "convnext" and has_weight else None
 
     def features(self, x: torch.Tensor, keep: torch.Tensor | None = None):
         """The last map [B, h, w, D] (masked at L-1 if so configured) and prefix tokens."""

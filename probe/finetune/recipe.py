@@ -68,6 +68,7 @@ def make_recipe(name: str, backbone: str, **overrides) -> Recipe:
     r = replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
     if r.epochs < 1 or r.batch_size < 1:
         raise ProbeError(f"epochs and batch size must be >= 1, got {r.epochs} and {r.batch_size}")
-    if not 0 <= r.warmup_epochs <= r.epochs:
-        raise ProbeError(f"warm-up epochs must be in [0, epochs={r.epochs}], got {r.warmup_epochs}")
+    if not 0 <= r.warmup_epochs < r.epochs:
+        raise ProbeError(f"{r.warmup_epochs} warm-up epochs do not fit in {r.epochs} epochs; pass "
+                         f"--warmup-epochs between 0 and {r.epochs - 1}")
     return r

@@ -61,6 +61,9 @@ def finetune(backbone: str, data_root, *, mask: str = "none", stage: str = "L",
         raise ProbeError(f"--mask must be one of {list(STRATEGIES)}, got {mask!r}")
     if stage not in ("L", "L-1") or (stage == "L-1" and mask != "late"):
         raise ProbeError(f"--stage must be L or L-1 (L-1 only with --mask late), got {stage!r}")
+    if ckpt_every < 1 or eval_every < 0:
+        raise ProbeError(f"--ckpt-every must be >= 1 and --eval-every >= 0, got {ckpt_every} "
+                         f"and {eval_every}")
     source = MaskSource.parse(mask_source)
     if mask != "none" and source.kind == "none":
         raise ProbeError(f"--mask {mask} needs a mask source: --mask-source gt or dir:PATH")
@@ -127,9 +130,10 @@ def finetune(backbone: str, data_root, *, mask: str = "none", stage: str = "L",
     for name, items in eval_sets.items():
         if name.startswith("val/"):
             continue
-        ids, pred = trainer.predict(items)
+        ids, pred = trainer.predict(items)  # ids: exactly the split's, in its order
         scores[name] = metrics(items, ids, pred)
-        predictions += [(name, i, p) for i, p in zip(ids.tolist(), pred.tolist())]
+        predictions += [(name, *row) for row in zip(ids.tolist(), items.cub.labels.tolist(),
+                                                     pred.tolist())]
     record = {"kind": "finetune", "config": config, "chosen": chosen, "metrics": scores,
               "run_dir": str(run_dir),
               "execution": {"world_size": rt.world, "micro_batch": trainer.micro,
@@ -172,7 +176,8 @@ def _eval_sets(root: Path, source: MaskSource, late: str | None, waterbirds_root
 
 def _write_predictions(path: Path, rows: list[tuple]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("eval,image_id,pred\n" + "".join(f"{e},{i},{p}\n" for e, i, p in rows))
+    tmp.write_text("eval,image_id,label,pred\n" + "".join(",".join(map(str, row)) + "\n"
+                                                         for row in rows))
     tmp.replace(path)
 
 
@@ -211,8 +216,9 @@ class _Trainer:
         if self.micro * self.accum * world != r.batch_size or (accum_steps and
                                                                self.accum != accum_steps):
             raise ProbeError(f"batch size {r.batch_size} is not {world} rank(s) x micro-batch "
-                             f"{micro_batch or self.micro} x accumulation {accum_steps or self.accum}"
-                             "; choose values whose product is the batch size")
+                             f"{micro_batch or self.micro} x accumulation "
+                             f"{accum_steps or self.accum}; choose values whose product is the "
+                             "batch size")
         self.mixup = None
         if r.mixup or r.cutmix:
             if self.micro % 2:
@@ -234,15 +240,16 @@ class _Trainer:
         if not r.freeze_backbone:
             bb = self.model.backbone.model
             skip = set(getattr(bb, "no_weight_decay", lambda: ())())
-            groups += [dict(g, lr=r.backbone_lr, name="backbone")
-                       for g in param_groups_weight_decay(bb, r.weight_decay, no_weight_decay_list=skip)]
+            groups += [dict(g, lr=r.backbone_lr, name="backbone") for g in
+                       param_groups_weight_decay(bb, r.weight_decay, no_weight_decay_list=skip)]
         groups += [dict(g, lr=r.lr, name="head")
                    for g in param_groups_weight_decay(self.model.fc, r.weight_decay)]
         self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999))
-        total = r.epochs * self.steps
-        self.scheduler = CosineLRScheduler(self.optimizer, t_initial=total, lr_min=r.min_lr,
-                                           warmup_t=r.warmup_epochs * self.steps,
-                                           warmup_lr_init=0.0, t_in_epochs=False)
+        # Per update: linear warm-up from 0, then one cosine over the remaining updates.
+        warmup = r.warmup_epochs * self.steps
+        self.scheduler = CosineLRScheduler(self.optimizer, t_initial=r.epochs * self.steps - warmup,
+                                           lr_min=r.min_lr, warmup_t=warmup, warmup_lr_init=0.0,
+                                           warmup_prefix=True, t_in_epochs=False)
         self.net = self.model
         if world > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(
@@ -326,7 +333,7 @@ class _Trainer:
                    disable=not self.progress, leave=False)
         tic = time.perf_counter()
         for s in range(self.steps):
-            self.scheduler.step_update(step + s)  # timm's per-update schedule (warm-up, cosine)
+            self.scheduler.step_update(step + s)
             for a in range(self.accum):
                 totals += self._micro_step(next(batches), last=a == self.accum - 1)
             self.optimizer.step()
@@ -340,8 +347,9 @@ class _Trainer:
         seconds = time.perf_counter() - tic
         self.train_seconds += seconds
         lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
-        return {"epoch": epoch + 1, "step": step + self.steps, "lr_backbone": lrs.get("backbone", 0.0),
-                "lr_head": lrs["head"], "loss": float(totals[0] / totals[2]),
+        return {"epoch": epoch + 1, "step": step + self.steps,
+                "lr_backbone": lrs.get("backbone", 0.0), "lr_head": lrs["head"],
+                "loss": float(totals[0] / totals[2]),
                 "train_top1": float(100 * totals[1] / totals[2]),
                 "images_per_s": float(totals[2] / seconds), "seconds": round(seconds, 3)}
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import click
 
-from probe.segment.models import MODELS
+from probe.segment import MODELS
 
 
 def _names(value: str | None) -> list[str] | None:
@@ -18,7 +18,8 @@ def _data_option(f):
 
 def _split_options(f):
     f = click.option("--waterbirds", type=click.Path(path_type=Path), default=None,
-                     help="Waterbirds folder [default: DATA/waterbird_complete95_forest2water2].")(f)
+                     help="Waterbirds folder "
+                          "[default: DATA/waterbird_complete95_forest2water2].")(f)
     return click.option("--splits", default=None,
                         help="Comma-separated splits [default: train,test and waterbirds if its "
                              "folder exists].")(f)
@@ -57,8 +58,10 @@ def segment():
               help="Frozen backbone of --model light: a probe short name (vit_s, convnext_s, ...) "
                    "or any timm model name.")
 @_backbone_options
-@click.option("--epochs", type=int, default=None, help="[default: light 10, mask2former 50].")
-@click.option("--batch-size", type=int, default=None, help="[default: light 32, mask2former 16].")
+@click.option("--epochs", type=int, default=None,
+              help="Training epochs [default: light 10, mask2former 50].")
+@click.option("--batch-size", type=int, default=None,
+              help="Images per step [default: light 32, mask2former 16].")
 @click.option("--lr", type=float, default=None, help="AdamW learning rate, cosine decay "
                                                      "[default: light 1e-3, mask2former 1e-4].")
 @click.option("--weight-decay", type=float, default=None,

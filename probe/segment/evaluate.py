@@ -16,6 +16,7 @@ from tqdm import tqdm
 from probe.data.cub import CUB
 from probe.data.masks import MaskSource
 from probe.dump import _check_masks, _splits
+from probe.data.loading import batches
 
 GT = MaskSource("gt")
 
@@ -69,9 +70,10 @@ def evaluate(data_root: str | Path, masks: str, *, splits=None, waterbirds_root=
         cub = CUB(root, split, masks=source, waterbirds_root=waterbirds_root)
         _check_masks(cub, GT)
         _check_masks(cub, source)  # every missing file listed before any work
-        loader = torch.utils.data.DataLoader(_Confusions(cub, source), batch_size=None,
-                                             num_workers=workers)
-        counts = [np.asarray(c) for c in tqdm(loader, total=len(cub), desc=f"IoU {split}",
-                                              unit="img", disable=not progress)]
+        counts = []
+        with tqdm(total=len(cub), desc=f"IoU {split}", unit="img", disable=not progress) as bar:
+            for items in batches(_Confusions(cub, source), batch_size=32, workers=workers):
+                counts.extend(items)
+                bar.update(len(items))
         results[split] = summarise(np.stack(counts))
     return results

@@ -24,13 +24,10 @@ from torch import nn
 from probe.backbones import Backbone, _offline, create_backbone
 from probe.data.transforms import Preprocess
 from probe.errors import ConfigMismatchError, ProbeError, WeightsUnavailableError
-from probe.segment.files import atomic, write_json
+from probe.finetune import checkpoint
+from probe.segment import MODELS
+from probe.segment.files import write_json
 
-MODELS = {
-    "light": "small decoder on a frozen probe backbone (--backbone); trains in minutes",
-    "mask2former-swin-t": "transformers Mask2Former with a Swin-T backbone, fine-tuned end to end "
-                          "(the study's model)",
-}
 MASK2FORMER_HUB = "facebook/mask2former-swin-tiny-ade-semantic"
 MASK2FORMER_SIZE = 384
 # Swin-T as in the hub checkpoint, so a random-init model has the same architecture offline.
@@ -60,7 +57,7 @@ class Segmenter(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Per-cell features -> one logit per cell; the 3x3 convolution lets neighbouring cells agree."""
+    """Per-cell features -> one logit per cell; a 3x3 convolution lets neighbouring cells agree."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -133,7 +130,7 @@ def check_model_name(name: str) -> None:
         close = difflib.get_close_matches(name, list(MODELS), n=3, cutoff=0.4)
         hint = f" Did you mean {' or '.join(close)}?" if close else ""
         raise ProbeError(f"unknown segmentation model {name!r}.{hint} Choose from: "
-                         + "; ".join(f"{k} ({v})" for k, v in MODELS.items()))
+                         f"{', '.join(MODELS)} (see `probe segment train --help`)")
 
 
 def build(model: str, *, backbone: str | None = None, weights=None, random_init: bool = False,
@@ -150,7 +147,8 @@ def build(model: str, *, backbone: str | None = None, weights=None, random_init:
             raise ProbeError("--model light needs --backbone (e.g. vit_s, convnext_s, or any "
                              "timm model name; see `probe backbones`)")
         return _light(dict(model=model, backbone=backbone, random_init=random_init,
-                           weights=str(weights) if weights else None, image_size=image_size,
+                           image_size=image_size,
+                           weights=str(Path(weights).expanduser().resolve()) if weights else None,
                            hidden=hidden, model_kwargs=kwargs))
     if backbone:
         raise ProbeError(f"--backbone is for --model light; {model} has its own Swin-T backbone")
@@ -165,7 +163,7 @@ def _light(spec: dict) -> LightSegmenter:
     if spec.get("weights_id", bb.weights_id) != bb.weights_id:
         raise ConfigMismatchError(
             f"backbone {spec['backbone']} now loads weights {bb.weights_id}, but the segmenter was "
-            f"trained on {spec['weights_id']}; restore those weights (e.g. the same --weights file)")
+            f"trained on {spec['weights_id']}; restore those weights (the same --weights file)")
     return LightSegmenter(bb, {**spec, "image_size": bb.image_size, "weights_id": bb.weights_id})
 
 
@@ -206,8 +204,7 @@ def _mask2former(spec: dict, model_kwargs: dict) -> Mask2FormerSegmenter:
 
 def save(seg: Segmenter, folder: Path, extra: dict) -> None:
     """Weights first, then the JSON: a folder with segmenter.json is always a complete model."""
-    with atomic(folder / WEIGHTS_FILE) as tmp:
-        safetensors.torch.save_model(seg.trainable(), str(tmp))
+    checkpoint.save_weights(seg.trainable(), folder / WEIGHTS_FILE)
     write_json(folder / SPEC_FILE, {"spec": seg.spec, **extra})
 
 
@@ -215,7 +212,7 @@ def load(folder: str | Path) -> Segmenter:
     folder = Path(folder).expanduser()
     if not (folder / SPEC_FILE).is_file():
         hint = (" Its training was interrupted: run `probe segment train` again with --resume."
-                if (folder / "checkpoint").is_dir() else "")
+                if checkpoint.latest(folder) else "")
         raise ProbeError(f"no trained segmenter in {folder} ({SPEC_FILE} is missing).{hint} "
                          "Train one with `probe segment train --out FOLDER`.")
     spec = json.loads((folder / SPEC_FILE).read_text(encoding="utf-8"))["spec"]

@@ -26,6 +26,7 @@ from probe.data.masks import WATERBIRDS_SUBDIR
 from probe.data.transforms import Preprocess
 from probe.dump import _runtime, _splits
 from probe.segment.files import atomic, claim_mask_folder
+from probe.data.loading import batches
 from probe.segment.models import WEIGHTS_FILE, load
 
 # score(tiles [N, 3, S, S], tiles per image) -> scores [N, h, w]
@@ -85,19 +86,20 @@ def write_masks(data_root: str | Path, out: str | Path, score: Scorer, preproces
     complete, and an interrupted run resumes where it stopped.
     """
     root, out = Path(data_root).expanduser(), Path(out).expanduser()
+    cubs = [CUB(root, s, waterbirds_root=waterbirds_root)  # a bad dataset fails before any write
+            for s in _splits(root, splits, waterbirds_root)]
     claim_mask_folder(out, config)
     device = torch.device(device)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else nullcontext())
-    for split in _splits(root, splits, waterbirds_root):
-        cub = CUB(root, split, waterbirds_root=waterbirds_root)
+    for cub in cubs:
+        split = cub.split
         folder = out / WATERBIRDS_SUBDIR if split == "waterbirds" else out
         target = [folder / Path(p).with_suffix(".png") for p in cub.paths]
         rows = [i for i, path in enumerate(target) if not path.is_file()]
-        loader = torch.utils.data.DataLoader(_Tiles(cub, rows, preprocess), batch_size=batch_size,
-                                             num_workers=workers, collate_fn=list)
         bar = tqdm(total=len(rows), desc=f"masks {split}", unit="img", disable=not progress)
-        for images in loader:
+        for images in batches(_Tiles(cub, rows, preprocess), batch_size=batch_size,
+                              workers=workers):
             tiles = torch.cat([im.tiles for im in images]).to(device)
             groups = [len(im.tiles) for im in images]
             with torch.no_grad(), autocast:

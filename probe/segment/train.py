@@ -1,26 +1,26 @@
 """`probe segment train`: fit a binary segmenter on CUB train images and their annotations.
 
-Every epoch ends with a checkpoint (trained weights in safetensors, optimiser / scheduler / RNG
-state in a small torch file). The data order and the flips of epoch e depend only on (seed, e),
+Every epoch ends with a checkpoint in the layout of `probe finetune` (probe.finetune.checkpoint:
+trained weights in safetensors, optimiser / scheduler / RNG state in a small torch file). The
+data order and the flips of epoch e depend only on (seed, e),
 so a run resumed from a checkpoint reproduces an uninterrupted run exactly.
 """
 
 import math
+import shutil
 from contextlib import nullcontext
 from pathlib import Path
 
-import safetensors.torch
 import torch
 from tqdm import tqdm
 
 from probe.data.cub import CUB
-from probe.data.masks import MaskSource
 from probe.dump import _check_masks, _runtime
 from probe.errors import ConfigMismatchError, ProbeError
-from probe.segment.files import atomic
-from probe.segment.models import SPEC_FILE, build, check_model_name, load_weights, save
+from probe.finetune import checkpoint
+from probe.data.loading import batches
+from probe.segment.models import SPEC_FILE, build, check_model_name, save
 
-CHECKPOINTS = "checkpoint"
 DEFAULTS = {  # per model: a frozen-backbone decoder tolerates a much larger step than Mask2Former
     "light": dict(epochs=10, batch_size=32, lr=1e-3, weight_decay=1e-4),
     "mask2former-swin-t": dict(epochs=50, batch_size=16, lr=1e-4, weight_decay=0.05),
@@ -57,13 +57,15 @@ def train(data_root: str | Path, *, model: str = "mask2former-swin-t", backbone:
     out = Path(out).expanduser() if out else default_out(model, backbone)
     given = dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay)
     hp = {k: given[k] if given[k] is not None else v for k, v in DEFAULTS[model].items()}
+    if hp["epochs"] < 1 or hp["batch_size"] < 1:
+        raise ProbeError(f"--epochs and --batch-size must be at least 1, got {hp['epochs']} and "
+                         f"{hp['batch_size']}")
     cub = CUB(root, "train", masks="gt")
     _check_masks(cub, cub.masks)
     config = dict(model=model, backbone=backbone, weights=str(weights) if weights else None,
                   random_init=random_init, image_size=image_size, hidden=hidden, seed=seed,
                   model_kwargs=model_kwargs or {}, dataset=cub.index.fingerprint(), **hp)
-    done = _existing(out, resume)
-    if done:
+    if _existing(out, resume):
         return out
     device = _runtime(device).device
     torch.manual_seed(seed)  # the decoder / class head initialisation
@@ -72,22 +74,22 @@ def train(data_root: str | Path, *, model: str = "mask2former-swin-t", backbone:
     params = [p for p in seg.trainable().parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=hp["lr"], weight_decay=hp["weight_decay"])
     steps = hp["epochs"] * math.ceil(len(cub) / hp["batch_size"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(  # cosine decay to 0 over the whole run
+        opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
     start, history = _resume(out, seg, opt, sched, config) if resume else (0, [])
     data = _Pairs(cub, seg.preprocess)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                 if device.type == "cuda" and seg.bf16_training else nullcontext())
     for epoch in range(start, hp["epochs"]):
         order = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        loader = torch.utils.data.DataLoader(
-            data, batch_size=hp["batch_size"], num_workers=workers,
-            sampler=torch.randperm(len(data), generator=order).tolist(),
-            pin_memory=device.type == "cuda")
+        loader = batches(data, batch_size=hp["batch_size"], workers=workers,
+                         sampler=torch.randperm(len(data), generator=order).tolist())
         seg.train()
         total, seen = 0.0, 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{hp['epochs']}", unit="batch",
-                   disable=not progress)
-        for x, area, binary in bar:
+                   total=math.ceil(len(data) / hp["batch_size"]), disable=not progress)
+        for items in bar:
+            x, area, binary = (torch.stack(t) for t in zip(*items))
             flip = torch.rand(len(x), generator=order) < 0.5  # the same flip for image and mask
             x, area, binary = (torch.where(flip.view(-1, *[1] * (t.ndim - 1)), t.flip(-1), t)
                                .to(device, non_blocking=True) for t in (x, area, binary))
@@ -102,9 +104,8 @@ def train(data_root: str | Path, *, model: str = "mask2former-swin-t", backbone:
         history.append(total / max(seen, 1))
         _save_checkpoint(out, epoch + 1, seg, opt, sched, config, history)
     save(seg, out, {"train": config, "loss_per_epoch": history})
-    for path in (out / CHECKPOINTS).glob("epoch-*"):  # the final model supersedes them
-        path.unlink()
-    (out / CHECKPOINTS).rmdir()
+    for old in out.glob(f"{checkpoint.PREFIX}*"):  # the final model supersedes them
+        shutil.rmtree(old)
     return out
 
 
@@ -112,55 +113,43 @@ def _existing(out: Path, resume: bool) -> bool:
     """True when `out` already holds the finished model and resume was asked."""
     if (out / SPEC_FILE).is_file():
         if resume:
-            print(f"{out}: training already finished, nothing to do")
+            tqdm.write(f"{out}: training already finished, nothing to do")
             return True
         raise ProbeError(f"{out} already holds a trained segmenter; choose another --out or "
                          "delete that folder")
-    if (out / CHECKPOINTS).is_dir() and not resume:
-        raise ProbeError(f"{out} holds an interrupted training run; pass --resume to continue it, "
-                         "or delete the folder to start again")
+    found = checkpoint.latest(out)
+    if found and not resume:
+        raise ProbeError(f"{out} holds an unfinished run ({found.name}); pass --resume to "
+                         "continue it, or delete the folder to start over")
     return False
 
 
-def _last_checkpoint(out: Path) -> tuple[Path, Path] | None:
-    """The newest epoch whose state file exists (it is written last, so its weights exist too)."""
-    states = sorted((out / CHECKPOINTS).glob("epoch-*.pt"))
-    return (states[-1].with_suffix(".safetensors"), states[-1]) if states else None
-
-
 def _save_checkpoint(out: Path, epoch: int, seg, opt, sched, config: dict, history: list) -> None:
-    folder = out / CHECKPOINTS
-    weights, state = folder / f"epoch-{epoch:04d}.safetensors", folder / f"epoch-{epoch:04d}.pt"
-    with atomic(weights) as tmp:
-        safetensors.torch.save_model(seg.trainable(), str(tmp))
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    with atomic(state) as tmp:
-        torch.save(dict(epoch=epoch, config=config, optimizer=opt.state_dict(),
-                        scheduler=sched.state_dict(), rng=rng, history=history), tmp)
-    for old in folder.glob("epoch-*"):
-        if old not in (weights, state):
-            old.unlink()
+    checkpoint.save(out, epoch, seg.trainable(), dict(
+        epoch=epoch, config=config, optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+        rng=rng, history=history))
 
 
 def _resume(out: Path, seg, opt, sched, config: dict) -> tuple[int, list]:
     """Restore the newest checkpoint into seg/opt/sched; (first epoch to run, loss history)."""
-    found = _last_checkpoint(out)
+    found = checkpoint.latest(out)
     if found is None:
         return 0, []
-    weights, state_path = found
-    state = torch.load(state_path, map_location="cpu", weights_only=True)
-    if state["config"] != config:
-        keys = sorted(k for k in config if state["config"].get(k) != config[k])
+    # settings first: another architecture would otherwise fail as an unreadable checkpoint
+    saved = torch.load(found / "state.pt", map_location="cpu", weights_only=True)["config"]
+    if saved != config:
+        keys = sorted(k for k in config if saved.get(k) != config[k])
         raise ConfigMismatchError(
             f"the checkpoint in {out} was made with other settings ({', '.join(keys)}: "
-            f"{[state['config'].get(k) for k in keys]}); repeat them to resume, or delete the folder")
-    load_weights(seg, weights)
+            f"{[saved.get(k) for k in keys]}); repeat them to resume, or delete the folder")
+    state = checkpoint.load(found, seg.trainable())
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["cpu"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    print(f"{out}: resuming after epoch {state['epoch']}")
+    tqdm.write(f"{out}: resuming after epoch {state['epoch']}")
     return state["epoch"], list(state["history"])
