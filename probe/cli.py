@@ -165,7 +165,9 @@ def _print_metrics(record: dict) -> None:
                    "background cells of the feature map before pooling.")
 @click.option("--stage", type=click.Choice(["L", "L-1"]), default="L",
               help="Late masking after the last stage (L) or after the second-to-last (L-1).")
-@click.option("--mask-source", default="gt", help="Mask source name used by the stores (gt or a folder name).")
+@click.option("--mask-source", default="gt",
+              help="Mask source of the stores: gt, dir:PATH (as given to `probe dump --masks`) or "
+                   "its short name (the folder's name).")
 @click.option("--fg-rule", type=click.Choice(["seed", "area"]), default="seed",
               help="Which cells are background: seed = the study's nearest-exact resize of the "
                    "binary mask; area = area fraction of bird below --fg-threshold.")
@@ -296,6 +298,8 @@ def demo_command(out, classes, per_class, size):
 
 
 # Verbs that live with their own package; their modules import only click at the top level.
+from probe.finetune.commands import finetune  # noqa: E402
 from probe.segment.commands import segment  # noqa: E402
 
+main.add_command(finetune)
 main.add_command(segment)

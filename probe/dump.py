@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
@@ -24,7 +23,7 @@ from probe.data.cub import CUB, WATERBIRDS_DIRNAME
 from probe.data.images import load_rgb
 from probe.data.loading import guarded_loader
 from probe.data.masks import MaskSource, early_mask
-from probe.data.transforms import Preprocess
+from probe.data.transforms import STUDY_RAND_AUGMENT, Preprocess, TrainTransform, mask_to_grid, seeded
 from probe.errors import ProbeError
 from probe.store import ArraySpec, FeatureStore, Split, fg_array_name, safe_name, store_path
 
@@ -64,6 +63,9 @@ class _Items(torch.utils.data.Dataset):
                  early: MaskSource | None, fg: MaskSource | None, views: int = 0):
         self.cub, self.preprocess, self.need_image = cub, preprocess, need_image
         self.early, self.fg, self.views = early, fg, views
+        # the study's frozen-recipe training transform (Table 1)
+        self.augment = TrainTransform(preprocess.image_size, preprocess.mean, preprocess.std,
+                                      STUDY_RAND_AUGMENT, 0.25) if views else None
         self.waterbirds = cub.split == "waterbirds"
 
     def __len__(self):
@@ -86,8 +88,10 @@ class _Items(torch.utils.data.Dataset):
                 size = im.size
         mask = self._mask(self.fg, i, size) if self.fg is not None else None
         if view is not None:
-            seed = view_seed(int(self.cub.ids[i]), view)
-            item["image"], area, nearest = self.preprocess.augmented(image, mask, seed)
+            pil_mask = None if mask is None else Image.fromarray(mask.astype(np.uint8) * 255)
+            with seeded(view_seed(int(self.cub.ids[i]), view)):
+                item["image"], nearest = self.augment(image, pil_mask)
+            area = nearest  # the augmented mask is binary at pixel level: its mean is the area
         else:
             if self.need_image:
                 item["image"] = self.preprocess.image(image)
@@ -138,13 +142,6 @@ def _runtime(device: str) -> _Runtime:
         torch.cuda.set_device(local)
         return _Runtime(torch.device("cuda", local), dist.get_rank(), world)
     return _Runtime(torch.device("cpu"), dist.get_rank(), world)
-
-
-def _grid_fg(mask: torch.Tensor, grid: tuple[int, int], rule: str) -> torch.Tensor:
-    """[B, S, S] mask in the image frame -> [B, h, w] on a feature grid."""
-    if rule == "area":  # the mean of area fractions is the area fraction of the cell
-        return F.adaptive_avg_pool2d(mask[:, None], grid)[:, 0]
-    return F.interpolate(mask[:, None], size=grid, mode="nearest-exact")[:, 0]
 
 
 def _to_float16(name: str, x: torch.Tensor, ids: np.ndarray) -> np.ndarray:
@@ -220,7 +217,7 @@ def _run_split(split: Split, items: _Items, specs: dict[str, ArraySpec], backbon
                     x = x.contiguous(memory_format=torch.channels_last)
                 keep = None
                 if any(t.startswith(FROM_MASKED) for t in taps):
-                    keep = _grid_fg(batch["fg_nearest"], backbone.grid("L-1"), "seed").to(rt.device)
+                    keep = mask_to_grid(batch["fg_nearest"], backbone.grid("L-1"), "seed").to(rt.device)
                 base_taps = [t for t in ("L", "L-1", "prefix") if t in pending]
                 with torch.inference_mode(), autocast:
                     feats = backbone.forward_taps(x, taps=base_taps, lm1_keep=keep)
@@ -233,7 +230,7 @@ def _run_split(split: Split, items: _Items, specs: dict[str, ArraySpec], backbon
                     rule = "area" if name.startswith("fg.") else "seed"
                     grid = specs[name].tail
                     mask = batch["fg_area" if rule == "area" else "fg_nearest"]
-                    out[name] = _grid_fg(mask, grid, rule).half().numpy()
+                    out[name] = mask_to_grid(mask, grid, rule).half().numpy()
             buffer = buffers.setdefault(chunk, {n: [] for n in pending})
             for name in pending:
                 buffer[name].append(out[name])

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from probe.data.masks import mask_name
 from probe.data.splits import stratified_holdout
 from probe.dump import FROM_MASKED
 from probe.errors import ProbeError
@@ -20,7 +21,7 @@ from probe.heads import FROZEN_RECIPES, make_head
 from probe.metrics import accuracy, group_accuracies, mean_per_class_accuracy
 from probe.pooling import PoolSpec, pool
 from probe.results import find_record, write_record
-from probe.store import FeatureStore, Split, store_path
+from probe.store import FeatureStore, Split, safe_name, store_path
 
 STRATEGIES = {"none": "baseline", "early": "early", "late": "late"}
 EVAL_SPLITS = {"test": "cub", "waterbirds": "waterbirds"}
@@ -67,7 +68,7 @@ def _find_dataset(features: Path, backbone: str, data_root) -> str:
         from probe.dump import default_dataset_name
 
         return default_dataset_name(data_root)
-    found = sorted(p.parent.name for p in features.glob(f"*/{backbone}"))
+    found = sorted(p.parent.name for p in features.glob(f"*/{safe_name(backbone)}"))
     if len(found) == 1:
         return found[0]
     if not found:
@@ -147,6 +148,7 @@ def fit(backbone: str, *, features: str | Path = "features", dataset: str | None
     An identical earlier fit is reused (its record returned) unless `force`.
     """
     features = Path(features)
+    mask_source = mask_name(mask_source)
     dataset = dataset or _find_dataset(features, backbone, data_root)
     masked_name = f"masked-{mask_source}"
     train_name = masked_name if mask == "early" else "original"

@@ -1,4 +1,6 @@
+import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -12,7 +14,7 @@ import probe.dump as dump_module
 from probe.backbones import create_backbone
 from probe.cli import main
 from probe.data import CUB
-from probe.data.transforms import Preprocess
+from probe.data.transforms import Preprocess, TrainTransform, seeded
 from probe.dump import add_masks, dump
 from probe.errors import ConfigMismatchError, ProbeError
 from probe.store import FeatureStore
@@ -145,8 +147,14 @@ def test_torchrun_two_processes_equal_one_process(synth_root, tmp_path):
            "-m", "probe", "dump", "--backbone", "test_vit", "--random-init", "--image-size", "64",
            "--data", str(synth_root), "--splits", "train,test", "--workers", "0", "--device", "cpu",
            "--chunk-rows", "4", "--out", str(tmp_path / "two")]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)  # a hang must not leave workers behind
+    try:
+        _, stderr = launcher.communicate(timeout=300)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert launcher.returncode == 0, stderr[-3000:]
     two = tmp_path / "two" / one.relative_to(tmp_path / "one")
     a, b = _arrays(one), _arrays(two)
     assert a.keys() == b.keys()
@@ -194,12 +202,13 @@ def test_augmented_views_store_the_geometry_of_each_view(synth_root, tmp_path):
     cub = CUB(synth_root, "train", masks="gt")
     np.testing.assert_array_equal(aug.read("ids"), np.repeat(cub.ids, 2))
     np.testing.assert_array_equal(aug.read("view"), np.tile([0, 1], len(cub)))
-    pre = Preprocess(64, (0.5,) * 3, (0.5,) * 3)
+    augment = TrainTransform(64, (0.5,) * 3, (0.5,) * 3, "rand-m9-mstd0.5", 0.25)
     fg = aug.read("fg.gt.4x4")
     for row in (0, 1, 7):
         sample = cub[row // 2]
-        _, area, _ = pre.augmented(sample.image, sample.mask, view_seed(sample.image_id, row % 2))
-        np.testing.assert_allclose(fg[row], area.reshape(4, 16, 4, 16).mean(axis=(1, 3)), atol=1e-3)
+        with seeded(view_seed(sample.image_id, row % 2)):
+            _, mask = augment(sample.image, Image.fromarray(sample.mask.astype(np.uint8) * 255))
+        np.testing.assert_allclose(fg[row], mask.reshape(4, 16, 4, 16).mean(axis=(1, 3)), atol=1e-3)
     assert not np.array_equal(aug.read("L")[0], aug.read("L")[1])  # two different views
     again = dump(data_root=synth_root, splits=["train"], views=2, out=tmp_path / "again", **VIT)
     np.testing.assert_array_equal(FeatureStore.open(again).split("train.aug").read("L"), aug.read("L"))

@@ -18,7 +18,8 @@ from probe.data.transforms import Preprocess
 from probe.dump import dump
 from probe.errors import ProbeError
 from probe.finetune import finetune
-from probe.finetune.data import GEOMETRIC_OPS, EvalItems, TrainTransform, keep_on_grid
+from probe.data.transforms import GEOMETRIC_OPS, TrainTransform
+from probe.finetune.data import EvalItems, keep_on_grid
 from probe.finetune.model import MaskedClassifier
 from probe.finetune.recipe import make_recipe
 from probe.report import build_report
@@ -195,10 +196,11 @@ def test_two_process_run_scores_every_image_once(synth_root, tmp_path):
             "--random-init", "--image-size", "64", "--epochs", "1", "--batch-size", "8",
             "--warmup-epochs", "0", "--workers", "0", "--device", "cpu"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    "--nproc_per_node=2", "-m", "probe.finetune.commands", *args,
-                    "--out", str(tmp_path / "two"), "--results", str(tmp_path / "two")],
-                   check=True, env=env, timeout=300, capture_output=True)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", "-m", "probe.finetune.commands", *args,
+                           "--out", str(tmp_path / "two"), "--results", str(tmp_path / "two")],
+                          env=env, timeout=300, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
     single = finetune("test_vit", synth_root, mask="early", out=tmp_path / "one",
                       results=tmp_path / "one", **{**TINY, "epochs": 1, "warmup_epochs": 0})
     two = load_records(tmp_path / "two")
@@ -206,7 +208,8 @@ def test_two_process_run_scores_every_image_once(synth_root, tmp_path):
     assert two.record_id.iloc[0] == single["id"]  # world size is not part of the configuration
     counts = {f"{r.dataset}/{r.test_input}": r.n for r in two.itertuples()}
     assert counts == {k: m["n"] for k, m in single["metrics"].items()}
+    ids = CUB(synth_root, "test").ids  # Waterbirds holds the same ids
+    assert set(counts.values()) == {len(ids)}
     predictions = pd.read_csv(next((tmp_path / "two").glob("**/predictions.csv")))
-    ids = CUB(synth_root, "test").ids
     for _, group in predictions.groupby("eval"):
         np.testing.assert_array_equal(np.sort(group.image_id), ids)  # each image exactly once

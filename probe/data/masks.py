@@ -45,7 +45,8 @@ class MaskSource:
 
     @property
     def spec(self) -> str:
-        return f"dir:{self.folder}" if self.kind == "dir" else self.kind
+        """Canonical spelling (absolute folder), so relative and absolute paths compare equal."""
+        return f"dir:{self.folder.resolve()}" if self.kind == "dir" else self.kind
 
     def path(self, cub_root: Path, rel_path: str, waterbirds: bool = False) -> Path:
         """Where the mask of image `rel_path` (relative to `images/`) lives."""
@@ -70,6 +71,13 @@ class MaskSource:
         """Mask files that do not exist, so a run can list them all before starting."""
         paths = (self.path(cub_root, rel, waterbirds) for rel in rel_paths)
         return [p for p in paths if not p.is_file()]
+
+
+def mask_name(source: "str | MaskSource") -> str:
+    """Short name of a mask source given as `gt`, `dir:PATH`, a MaskSource, or already a name."""
+    if isinstance(source, MaskSource) or source in ("gt", "none") or source.startswith("dir:"):
+        return MaskSource.parse(source).name
+    return source
 
 
 def early_mask(image: Image.Image, mask: np.ndarray) -> Image.Image:

@@ -5,21 +5,30 @@ normalise. The mask is resized as a float image, so each output pixel holds the 
 it covers (area fractions on any coarser grid are then plain averages), and separately with
 nearest-neighbour, the seed code's binary rule.
 
-Augmented views (the study's frozen-recipe training transform): random resized crop, flip,
-RandAugment(9, 0.5) and random erasing 0.25. Every geometric step moves the mask too, so its
-foreground map stays right; colour steps and erasing touch the image only.
+Training (augmented views and fine-tuning): timm's ImageNet training transform
+(`create_transform`: random resized crop, flip, RandAugment, random erasing) with one change:
+the crop, the flip and RandAugment's geometric ops (rotate, shear, translate) move the mask
+exactly like the image. Colour ops and random erasing touch the image only.
 """
 
+import copy
+import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
-from torchvision.transforms import InterpolationMode, RandomResizedCrop
-from torchvision.transforms import v2
+from timm.data import create_transform
+from timm.data.auto_augment import RandAugment
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF1
 from torchvision.transforms.v2 import functional as TF
 
-GEOMETRIC_OPS = {"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"}
+GEOMETRIC_OPS = {"Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY", "TranslateXRel",
+                 "TranslateYRel"}
+STUDY_RAND_AUGMENT = "rand-m9-mstd0.5"  # RandAugment(9, 0.5) of the study's Tables 1 and 2
 
 
 @dataclass(frozen=True)
@@ -33,7 +42,7 @@ class Preprocess:
                 f"CenterCrop({self.image_size}) + Normalize(mean={list(self.mean)}, std={list(self.std)})")
 
     def _geometry(self, x: torch.Tensor, interpolation: InterpolationMode) -> torch.Tensor:
-        antialias = interpolation != InterpolationMode.NEAREST
+        antialias = interpolation == InterpolationMode.BILINEAR or interpolation == InterpolationMode.BICUBIC
         x = TF.resize(x, self.image_size, interpolation=interpolation, antialias=antialias)
         return TF.center_crop(x, self.image_size)
 
@@ -46,61 +55,81 @@ class Preprocess:
         """The bool [H, W] mask in the image's output frame: (area fraction, nearest binary), [S, S]."""
         m = torch.from_numpy(np.ascontiguousarray(mask))[None].float()
         area = self._geometry(m, InterpolationMode.BILINEAR).clamp_(0, 1)[0]
-        nearest = self._geometry(m, InterpolationMode.NEAREST)[0]
+        nearest = self._geometry(m, InterpolationMode.NEAREST_EXACT)[0]
         return area, nearest
 
-    def augmented(self, image: Image.Image, mask: np.ndarray | None,
-                  seed: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """One augmented view, fully determined by `seed`: (image, area mask, nearest mask).
-
-        The global RNG is forked, so views do not depend on the worker, rank or resume point.
-        """
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            x = TF.pil_to_tensor(image)
-            masks = [] if mask is None else [torch.from_numpy(np.ascontiguousarray(mask))[None].float()] * 2
-            modes = (InterpolationMode.BILINEAR, InterpolationMode.NEAREST)
-            top, left, h, w = RandomResizedCrop.get_params(x, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
-            size = [self.image_size, self.image_size]
-            x = TF.resized_crop(x, top, left, h, w, size, InterpolationMode.BICUBIC, antialias=True)
-            masks = [TF.resized_crop(m, top, left, h, w, size, mode, antialias=mode != modes[1])
-                     for m, mode in zip(masks, modes)]
-            if torch.rand(()) < 0.5:
-                x, masks = TF.horizontal_flip(x), [TF.horizontal_flip(m) for m in masks]
-            x, masks = _rand_augment(x, masks, modes)
-            x = TF.normalize(x.float() / 255.0, self.mean, self.std)
-            x = v2.RandomErasing(p=0.25, value="random")(x)
-        area, nearest = (None, None) if not masks else (masks[0].clamp(0, 1)[0], masks[1][0])
-        return x, area, nearest
 
 
-_RAND_AUGMENT = v2.RandAugment(num_ops=2, magnitude=9, num_magnitude_bins=11,
-                               interpolation=InterpolationMode.BILINEAR)  # tensors: no bicubic
+def mask_to_grid(mask: torch.Tensor, grid: tuple[int, int], rule: str) -> torch.Tensor:
+    """[B, S, S] mask in the image frame -> [B, h, w] on a feature grid.
 
-
-def _rand_augment(x, masks, modes, magnitude: float = 9.0, std: float = 0.5):
-    """timm's rand-m9-mstd0.5 on torchvision's op set: 2 ops, magnitude ~ N(9, 0.5) out of 10.
-
-    torchvision's RandAugment does not accept masks, so its ops are drawn and applied here,
-    geometric ones to the masks as well (torchvision internals, pinned by the version range).
+    "area": mean of the area fractions = fraction of each cell covered by bird;
+    "seed": the study's code, a nearest-exact resize of the binary mask.
     """
-    space = _RAND_AUGMENT._AUGMENTATION_SPACE
-    h, w = x.shape[-2:]
-    for _ in range(2):
-        op, (magnitudes_fn, signed) = _RAND_AUGMENT._get_random_item(space)
-        levels = magnitudes_fn(11, h, w)
-        value = 0.0
-        if levels is not None and levels.ndim > 0:  # interpolate between the 0..10 levels at a noisy magnitude
-            m = float(np.clip(magnitude + std * torch.randn(()).item(), 0, 10))
-            lo, hi = int(np.floor(m)), int(np.ceil(m))
-            value = float(levels[lo] + (m - lo) * (levels[hi] - levels[lo]))
-            value = round(value) if levels.dtype == torch.int32 else value
-            if signed and torch.rand(()) <= 0.5:
-                value = -value
-        x = _RAND_AUGMENT._apply_image_or_video_transform(
-            x, op, value, interpolation=InterpolationMode.BILINEAR, fill=_RAND_AUGMENT._fill)
-        if op in GEOMETRIC_OPS:
-            masks = [_RAND_AUGMENT._apply_image_or_video_transform(
-                m, op, value, interpolation=mode, fill=_RAND_AUGMENT._fill)
-                for m, mode in zip(masks, modes)]
-    return x, masks
+    if rule == "area":
+        return F.adaptive_avg_pool2d(mask[:, None].float(), grid)[:, 0]
+    return F.interpolate(mask[:, None].float(), size=grid, mode="nearest-exact")[:, 0]
+
+
+@contextmanager
+def seeded(seed: int):
+    """Run with Python, numpy and torch RNGs seeded, restoring the caller's states after."""
+    py, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(np_state)
+
+
+class TrainTransform:
+    """(image, mask or None) -> (normalised tensor [3, S, S], float mask [S, S] or None)."""
+
+    def __init__(self, image_size: int, mean, std, rand_augment: str, random_erasing: float):
+        primary, secondary, self.final = create_transform(
+            image_size, is_training=True, auto_augment=rand_augment or None,
+            interpolation="bicubic", re_prob=random_erasing, re_mode="pixel", mean=mean, std=std,
+            separate=True)
+        self.crop, flip = primary.transforms
+        self.flip_p = flip.p
+        self.colour = secondary.transforms  # RandAugment (or colour jitter when it is off)
+
+    def __call__(self, image: Image.Image, mask: Image.Image | None = None):
+        crop = self.crop
+        i, j, h, w = crop.get_params(image, crop.scale, crop.ratio)
+        interp = crop.interpolation
+        interp = random.choice(interp) if isinstance(interp, (list, tuple)) else interp
+        image = TF1.resized_crop(image, i, j, h, w, crop.size, interp)
+        if mask is not None:
+            mask = TF1.resized_crop(mask, i, j, h, w, crop.size, InterpolationMode.NEAREST)
+        if torch.rand(1) < self.flip_p:  # the draw torchvision's RandomHorizontalFlip makes
+            image = TF1.hflip(image)
+            mask = None if mask is None else TF1.hflip(mask)
+        for t in self.colour:
+            if isinstance(t, RandAugment):
+                image, mask = _rand_augment(t, image, mask)
+            else:
+                image = t(image)
+        x = self.final(image)
+        return x, None if mask is None else torch.from_numpy(np.asarray(mask) > 0).float()
+
+
+def _rand_augment(ra: RandAugment, image: Image.Image, mask: Image.Image | None):
+    """timm's RandAugment.__call__, replaying each geometric op's random draws on the mask."""
+    ops = np.random.choice(ra.ops, ra.num_layers, replace=ra.choice_weights is None,
+                           p=ra.choice_weights)
+    for op in ops:
+        before = random.getstate()
+        image = op(image)
+        if mask is not None and op.name in GEOMETRIC_OPS:
+            after = random.getstate()
+            random.setstate(before)  # same apply/magnitude/sign draws as the image's op
+            mask_op = copy.copy(op)
+            mask_op.kwargs = dict(op.kwargs, fillcolor=0, resample=Image.NEAREST)
+            mask = mask_op(mask)
+            random.setstate(after)
+    return image, mask

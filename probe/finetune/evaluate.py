@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from probe.data.cub import PLACES
+from probe.data.loading import guarded_loader
 from probe.errors import ProbeError
 from probe.finetune.data import EvalItems, keep_on_grid
 from probe.finetune.model import MaskedClassifier
@@ -24,9 +25,8 @@ def predict(model: MaskedClassifier, items: EvalItems, *, device: torch.device, 
             workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(image ids, predicted classes) of every image of ``items``, in ascending id order."""
     rows = list(range(rank, len(items), world))  # disjoint strides: no padding, no duplicates
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(items, rows),
-                                         batch_size=batch_size, num_workers=workers,
-                                         pin_memory=device.type == "cuda")
+    loader = guarded_loader(torch.utils.data.Subset(items, rows), batch_size=batch_size,
+                            num_workers=workers, pin_memory=device.type == "cuda")
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else nullcontext())
     was_training = model.training

@@ -71,4 +71,7 @@ def make_recipe(name: str, backbone: str, **overrides) -> Recipe:
     if not 0 <= r.warmup_epochs < r.epochs:
         raise ProbeError(f"{r.warmup_epochs} warm-up epochs do not fit in {r.epochs} epochs; pass "
                          f"--warmup-epochs between 0 and {r.epochs - 1}")
+    if r.rand_augment and not r.rand_augment.startswith("rand"):  # see probe.finetune.data
+        raise ProbeError(f"--rand-augment {r.rand_augment!r}: only timm RandAugment configs "
+                         "('rand-...') move the mask with the image; use '' to switch it off")
     return r

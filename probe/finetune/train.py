@@ -18,12 +18,13 @@ import numpy as np
 import torch
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim._param_groups import param_groups_weight_decay
+from timm.optim import param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
 
 from probe.backbones import create_backbone
 from probe.data.cub import CUB, WATERBIRDS_DIRNAME
+from probe.data.loading import guarded_loader
 from probe.data.masks import MaskSource
 from probe.data.transforms import Preprocess
 from probe.dump import _runtime, default_dataset_name
@@ -263,10 +264,14 @@ class _Trainer:
         epoch, step, best = 0, 0, None
         found = checkpoint.latest(self.run_dir)
         if found and not resume:
-            raise ProbeError(f"{self.run_dir} holds an unfinished run ({found.name}); pass "
-                             "--resume to continue it, or delete the folder to start over")
+            raise ProbeError(f"{self.run_dir} holds a run of this configuration ({found.name});"
+                             " pass --resume to continue it, or delete the folder to start over")
         if found:
             state = checkpoint.load(found, self.model)
+            if state["steps_per_epoch"] != self.steps:
+                raise ProbeError(f"{found} was trained with {state['steps_per_epoch']} steps per "
+                                 f"epoch, this launch makes {self.steps}; resume with the same "
+                                 "number of processes and batch size")
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             epoch, step, best = state["epoch"], state["step"], state["best"]
@@ -295,7 +300,7 @@ class _Trainer:
             if epoch % ckpt_every == 0 or epoch == r.epochs:
                 if rank == 0:
                     checkpoint.save(self.run_dir, epoch, self.model, {
-                        "epoch": epoch, "step": step, "best": best,
+                        "epoch": epoch, "step": step, "steps_per_epoch": self.steps, "best": best,
                         "train_seconds": self.train_seconds,
                         "optimizer": self.optimizer.state_dict(),
                         "scheduler": self.scheduler.state_dict()})
@@ -321,14 +326,13 @@ class _Trainer:
             sampler.set_epoch(epoch)
         else:
             sampler = torch.utils.data.RandomSampler(self.items, generator=gen)
-        loader = torch.utils.data.DataLoader(self.items, batch_size=self.micro, sampler=sampler,
-                                             drop_last=True, num_workers=self.workers,
-                                             generator=gen, pin_memory=self.cuda)
+        batches = guarded_loader(self.items, batch_size=self.micro, sampler=sampler,
+                                 drop_last=True, num_workers=self.workers, generator=gen,
+                                 pin_memory=self.cuda)
         model.train()
         if self.r.freeze_backbone:
             model.backbone.eval()  # no stochastic depth or dropout in a frozen feature extractor
         totals = torch.zeros(3, dtype=torch.float64, device=rt.device)  # loss sum, correct, n
-        batches = iter(loader)
         bar = tqdm(total=self.steps, desc=f"epoch {epoch + 1}/{self.r.epochs}", unit="step",
                    disable=not self.progress, leave=False)
         tic = time.perf_counter()
@@ -342,6 +346,7 @@ class _Trainer:
             if self.progress:  # one device sync per step, only when someone is watching
                 bar.set_postfix(loss=f"{float(totals[0] / totals[2]):.4f}")
         bar.close()
+        batches.close()  # the steps may leave micro-batches unread: stop the workers now
         if rt.world > 1:
             torch.distributed.all_reduce(totals)  # gloo and nccl both reduce float64
         seconds = time.perf_counter() - tic
