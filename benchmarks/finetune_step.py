@@ -26,11 +26,11 @@ from probe.backbones import create_backbone
 from probe.data.cub import CUB
 from probe.data.synth import make_synthetic
 from probe.data.transforms import TrainTransform
+from probe.dump import runtime
 from probe.finetune.data import TrainItems, keep_on_grid
 from probe.finetune.model import MaskedClassifier
 from probe.finetune.recipe import make_recipe
 from probe.finetune.train import _Trainer
-from probe.dump import _runtime
 
 VARIANTS = {"baseline": None, "early": None, "late L": "L", "late L-1": "L-1"}
 
@@ -43,7 +43,7 @@ def trainers(args, items: dict) -> dict:
     for name, late in VARIANTS.items():  # one shared backbone: the same model for every variant
         torch.manual_seed(0)
         model = MaskedClassifier(bb, 200, "cls+patch" if bb.num_prefix_tokens else "patch", late)
-        trainer = _Trainer(model, recipe, _runtime("cpu"), Path("unused"), 0, 0, False)
+        trainer = _Trainer(model, recipe, runtime("cpu"), Path("unused"), 0, 0, False)
         trainer.setup(items[name], None, None)
         out[name] = trainer
     return out

@@ -299,7 +299,7 @@ def create_backbone(name: str, *, weights: str | os.PathLike | None = None,
 def _create_hf(name: str, weights, random_init: bool, image_size: int | None) -> HFBackbone:
     import transformers
 
-    ref, opts = name[3:], dict(local_files_only=_offline())
+    ref, opts = name[3:], dict(local_files_only=offline())
     try:
         if weights is None and not random_init:
             model = transformers.AutoModel.from_pretrained(ref, **opts)
@@ -354,7 +354,7 @@ def _seeded():
         yield
 
 
-def _offline() -> bool:
+def offline() -> bool:
     """HF_HUB_OFFLINE as set now (huggingface_hub reads it only once, at import)."""
     from huggingface_hub import constants
 
@@ -378,19 +378,19 @@ def _download_timm(name: str, model_id: str, pcfg: dict) -> str:
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
-    repo, offline = pcfg.get("hf_hub_id"), _offline()
+    repo, is_offline = pcfg.get("hf_hub_id"), offline()
     reason = "timm knows no Hugging Face repository for it"
     files = [pcfg.get("hf_hub_filename") or "model.safetensors", "pytorch_model.bin"]
     for file in files if repo else []:
         try:
-            return hf_hub_download(repo, file, local_files_only=offline)
+            return hf_hub_download(repo, file, local_files_only=is_offline)
         except Exception as e:  # offline, no network, no such file: all end in the same advice
-            reason = "offline mode is on (HF_HUB_OFFLINE)" if offline else \
+            reason = "offline mode is on (HF_HUB_OFFLINE)" if is_offline else \
                 f"downloading {repo} failed ({str(e).splitlines()[0] if str(e) else repr(e)})"
             # Try the older file name only where that is cheap or the repository lacks the first.
             remote_miss = isinstance(e, EntryNotFoundError) and \
                 not isinstance(e, LocalEntryNotFoundError)
-            if not (offline or remote_miss):
+            if not (is_offline or remote_miss):
                 break
     raise WeightsUnavailableError(
         f"pretrained weights for {name!r} (timm {model_id}) are not in the Hugging Face cache "

@@ -19,11 +19,17 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from probe.data.cub import CUB, WATERBIRDS_DIRNAME
+from probe.data.cub import CUB, WATERBIRDS_DIRNAME, waterbirds_fingerprint
 from probe.data.images import load_rgb
 from probe.data.loading import guarded_loader
 from probe.data.masks import MaskSource, early_mask
-from probe.data.transforms import STUDY_RAND_AUGMENT, Preprocess, TrainTransform, mask_to_grid, seeded
+from probe.data.transforms import (
+    STUDY_RAND_AUGMENT,
+    Preprocess,
+    TrainTransform,
+    mask_to_grid,
+    seeded,
+)
 from probe.errors import ProbeError
 from probe.store import ArraySpec, FeatureStore, Split, fg_array_name, safe_name, store_path
 
@@ -117,7 +123,7 @@ class _Batches(torch.utils.data.Sampler):
 
 
 @dataclass
-class _Runtime:
+class Runtime:
     device: torch.device
     rank: int = 0
     world: int = 1
@@ -127,21 +133,21 @@ class _Runtime:
             dist.barrier()
 
 
-def _runtime(device: str) -> _Runtime:
+def runtime(device: str) -> Runtime:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise ProbeError("--device cuda was requested but no CUDA GPU is visible; use --device cpu")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return _Runtime(torch.device(device))
+        return Runtime(torch.device(device))
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
     if device == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
-        return _Runtime(torch.device("cuda", local), dist.get_rank(), world)
-    return _Runtime(torch.device("cpu"), dist.get_rank(), world)
+        return Runtime(torch.device("cuda", local), dist.get_rank(), world)
+    return Runtime(torch.device("cpu"), dist.get_rank(), world)
 
 
 def _to_float16(name: str, x: torch.Tensor, ids: np.ndarray) -> np.ndarray:
@@ -182,7 +188,7 @@ def _fg_specs(grids: set[tuple[int, int]], fg_source: MaskSource) -> dict[str, A
             for g in sorted(grids) for rule in ("area", "seed")}
 
 
-def _run_split(split: Split, items: _Items, specs: dict[str, ArraySpec], backbone, rt: _Runtime,
+def _run_split(split: Split, items: _Items, specs: dict[str, ArraySpec], backbone, rt: Runtime,
                batch_size: int, workers: int, progress_bar: bool) -> None:
     pending = [n for n in specs if not split.complete(n)]
     if not pending:
@@ -252,14 +258,14 @@ def _run_split(split: Split, items: _Items, specs: dict[str, ArraySpec], backbon
     rt.barrier()
 
 
-def _splits(root: Path, splits, waterbirds_root) -> list[str]:
+def dataset_splits(root: Path, splits, waterbirds_root) -> list[str]:
     if splits:
         return list(splits)
     wb = Path(waterbirds_root or root / WATERBIRDS_DIRNAME)
     return ["train", "test"] + (["waterbirds"] if wb.is_dir() else [])
 
 
-def _check_masks(cub: CUB, source: MaskSource) -> None:
+def check_masks(cub: CUB, source: MaskSource) -> None:
     missing = source.missing(cub.root, cub.paths, cub.split == "waterbirds")
     if missing:
         listed = "\n  ".join(str(p) for p in missing[:10])
@@ -283,13 +289,16 @@ def dump(backbone: str, data_root: str | Path, *, input: str = "original", masks
     root = Path(data_root).expanduser()
     source = MaskSource.parse(masks)
     taps = list(taps)
+    if batch_size < 1 or workers < 0 or views < 0 or (chunk_rows is not None and chunk_rows < 1):
+        raise ProbeError(f"need batch_size >= 1, workers >= 0, views >= 0 and chunk_rows >= 1; got "
+                         f"{batch_size}, {workers}, {views}, {chunk_rows}")
     unknown = [t for t in taps if t not in TAPS]
     if unknown:
         raise ProbeError(f"unknown taps {unknown}; choose from {', '.join(TAPS)}")
     if FROM_MASKED in taps and source.kind == "none":
         raise ProbeError(f"tap {FROM_MASKED} needs a mask source (--masks gt or dir:PATH)")
     name = input_name(input, source)
-    rt = _runtime(device)
+    rt = runtime(device)
     model = create_backbone(backbone, weights=weights, random_init=random_init,
                             image_size=image_size, **(model_kwargs or {}))
     model.to(rt.device)
@@ -305,8 +314,19 @@ def dump(backbone: str, data_root: str | Path, *, input: str = "original", masks
              "input_mask_source": source.spec if input == "masked" else None,
              "kind": model.kind, "num_prefix_tokens": model.num_prefix_tokens,
              "head_norm": _jsonable(model.head_norm()), "data_root": str(root.resolve())}
+    split_names = dataset_splits(root, splits, waterbirds_root)
+    if "waterbirds" in split_names:
+        attrs["waterbirds_fingerprint"] = waterbirds_fingerprint(
+            Path(waterbirds_root or root / WATERBIRDS_DIRNAME))
     path = store_path(out, dataset, backbone, name)
+    if (path / "zarr.json").is_file() and not overwrite:  # every rank fails alike, before a barrier
+        existing = FeatureStore.open(path)
+        existing.check_identity(attrs)
+        if source.kind != "none":
+            existing.check_mask_source(source.name, source.spec)
     store = FeatureStore.create(path, attrs, overwrite) if rt.rank == 0 else None
+    if store is not None and source.kind != "none":
+        store.register_mask_source(source.name, source.spec)
     rt.barrier()
     store = store or FeatureStore.open(path, mode="a")
     specs = _plan_arrays(model, taps, source if source.kind != "none" else None)
@@ -315,20 +335,20 @@ def dump(backbone: str, data_root: str | Path, *, input: str = "original", masks
         specs.update(_fg_specs(grids, source))
     row_bytes = max(int(np.prod(s.tail)) * 2 for s in specs.values())
     wrote = False
-    split_names = _splits(root, splits, waterbirds_root)
     if views and "train" in split_names:
         split_names.append(AUG_SPLIT)
     for split_name in split_names:
         k = views if split_name == AUG_SPLIT else 0
         cub = CUB(root, "train" if k else split_name, waterbirds_root=waterbirds_root)
         if source.kind != "none":
-            _check_masks(cub, source)
+            check_masks(cub, source)
         index = {"ids": np.repeat(cub.ids, max(k, 1)), "labels": np.repeat(cub.labels, max(k, 1))}
         if k:
             index["view"] = np.tile(np.arange(k), len(cub))
         if cub.waterbird is not None:
             index.update(waterbird=cub.waterbird, place=cub.place)
-        split = (store.create_split(split_name, len(index["ids"]), row_bytes, index, chunk_rows)
+        split = (store.create_split(split_name, len(index["ids"]), row_bytes, index, chunk_rows,
+                                    batch_size, replace=bool(k))  # another --views K: rebuild
                  if rt.rank == 0 else None)
         rt.barrier()
         split = split or store.split(split_name)
@@ -351,11 +371,12 @@ def add_masks(store: str | Path, data_root: str | Path, masks: str, *, waterbird
     if source.kind == "none":
         raise ProbeError("--add-masks needs a mask source: gt or dir:PATH")
     fs = FeatureStore.open(store, mode="a")
+    fs.register_mask_source(source.name, source.spec)
     attrs = fs.attrs
     preprocess = Preprocess(attrs["image_size"], tuple(attrs["mean"]), tuple(attrs["std"]))
     early = MaskSource.parse(attrs["input_mask_source"]) if attrs.get("input_mask_source") else None
     root = Path(data_root).expanduser()
-    rt = _Runtime(torch.device("cpu"))
+    rt = Runtime(torch.device("cpu"))
     for split_name in fs.splits():
         split = fs.split(split_name)
         grids = {tuple(split.group[n].shape[1:3]) for n in split.names() if n in TAPS}
@@ -363,7 +384,7 @@ def add_masks(store: str | Path, data_root: str | Path, masks: str, *, waterbird
         cub = CUB(root, "train" if k else split_name, waterbirds_root=waterbirds_root)
         if not np.array_equal(np.repeat(cub.ids, max(k, 1)), split.read("ids")):
             raise ProbeError(f"{root} does not hold the images of split {split_name!r} of {store}")
-        _check_masks(cub, source)
+        check_masks(cub, source)
         # an augmented view's geometry is drawn from the decoded image, so views decode it
         items = _Items(cub, preprocess, need_image=bool(k), early=early, fg=source, views=k)
         _run_split(split, items, _fg_specs(grids, source), None, rt, batch_size, workers, progress)

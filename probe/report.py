@@ -32,8 +32,16 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from probe.errors import ProbeError
-from probe.experiments import (CLAIMS, PAPER_DATASET, RECORD_KEYS, Cell, Claim,
-                               default_kind_of, paper_numbers, table_cells)
+from probe.experiments import (
+    CLAIMS,
+    PAPER_DATASET,
+    RECORD_KEYS,
+    Cell,
+    Claim,
+    default_kind_of,
+    paper_numbers,
+    table_cells,
+)
 from probe.results import load_records
 
 _CELL = [f.name for f in fields(Cell)]

@@ -23,8 +23,10 @@ from probe.errors import ConfigMismatchError, ProbeError
 CHUNK_BYTES = 16 * 2**20  # ~16 MiB per chunk of the widest array: large sequential writes
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 # Fields that must match for a store to be reused; anything else in the attributes is informative.
-IDENTITY_FIELDS = ("dataset", "dataset_fingerprint", "backbone", "model_id", "weights",
-                   "image_size", "mean", "std", "transform", "input", "input_mask_source")
+IDENTITY_FIELDS = ("dataset", "dataset_fingerprint", "waterbirds_fingerprint", "backbone",
+                   "model_id", "weights", "image_size", "mean", "std", "transform", "input",
+                   "input_mask_source")
+FILLABLE_FIELDS = ("waterbirds_fingerprint",)  # unknown (None) until the split is first dumped
 
 
 def safe_name(text: str) -> str:
@@ -126,6 +128,9 @@ class FeatureStore:
         if (path / "zarr.json").is_file() and not overwrite:
             store = cls.open(path, mode="a")
             store.check_identity(attrs)
+            for key in FILLABLE_FIELDS:  # learnt later, e.g. the Waterbirds folder added later
+                if store.attrs.get(key) is None and attrs.get(key) is not None:
+                    store.group.attrs[key] = attrs[key]
             return store
         path.parent.mkdir(parents=True, exist_ok=True)
         group = zarr.open_group(path, mode="w")
@@ -136,7 +141,8 @@ class FeatureStore:
     def check_identity(self, attrs: dict) -> None:
         mine = self.attrs
         diffs = [f"{k}: store has {mine.get(k)!r}, requested {attrs.get(k)!r}"
-                 for k in IDENTITY_FIELDS if k in attrs and _canon(mine.get(k)) != _canon(attrs[k])]
+                 for k in IDENTITY_FIELDS if k in attrs and _canon(mine.get(k)) != _canon(attrs[k])
+                 and not (k in FILLABLE_FIELDS and None in (mine.get(k), attrs[k]))]
         if diffs:
             raise ConfigMismatchError(
                 f"the feature store {self.path} was built with another configuration:\n  "
@@ -156,22 +162,46 @@ class FeatureStore:
         return Split(self.group[name], name)
 
     def create_split(self, name: str, rows: int, row_bytes: int, index: dict[str, np.ndarray],
-                     chunk_rows: int | None = None) -> Split:
-        """Create (or reopen) a split with its index arrays (ids, labels, ...) written at once."""
+                     chunk_rows: int | None = None, batch_rows: int = 1,
+                     replace: bool = False) -> Split:
+        """Create (or reopen) a split with its index arrays (ids, labels, ...) written at once.
+
+        Chunks hold a whole number of `batch_rows` (the dump's batches never cross a chunk) and
+        about CHUNK_BYTES of the widest array. A split whose index was never finished (an
+        interrupted creation) is rebuilt; one holding other images is refused unless `replace`.
+        """
         if self.has_split(name):
             split = Split(self.group[name], name)
-            if split.rows != rows or not np.array_equal(split.read("ids"), index["ids"]):
-                raise ConfigMismatchError(f"split {name!r} of {self.path} holds other images than "
-                                          "the dataset now has; pass --overwrite to rebuild it")
-            return split
+            ready = all(split.complete(k) for k in index)
+            if ready and split.rows == rows and np.array_equal(split.read("ids"), index["ids"]):
+                return split
+            if ready and not replace:
+                raise ConfigMismatchError(
+                    f"split {name!r} of {self.path} holds {split.rows} rows of other images than "
+                    f"requested ({rows}); pass --overwrite to rebuild the store")
+            del self.group[name]
+        if not chunk_rows:
+            by_size = max(CHUNK_BYTES // max(row_bytes, 1), 1)
+            chunk_rows = int(min(-(-by_size // batch_rows) * batch_rows, 4096 * batch_rows))
         group = self.group.create_group(name)
-        chunk_rows = chunk_rows or int(np.clip(CHUNK_BYTES // max(row_bytes, 1), 1, 4096))
         group.attrs.update({"rows": rows, "chunk_rows": min(chunk_rows, max(rows, 1))})
         split = Split(group, name)
         for key, values in index.items():
             split.require(key, ArraySpec(values.shape[1:], str(values.dtype)))[:] = values
         split.finish(list(index))
         return split
+
+    def check_mask_source(self, name: str, spec: str) -> None:
+        """One short name, one folder: two folders named alike must not share fg arrays."""
+        known = self.attrs.get("mask_sources") or {}
+        if known.get(name, spec) != spec:
+            raise ConfigMismatchError(
+                f"in {self.path} the mask source name {name!r} already stands for {known[name]}; "
+                f"{spec} has the same name: rename one of the folders")
+
+    def register_mask_source(self, name: str, spec: str) -> None:
+        self.check_mask_source(name, spec)
+        self.group.attrs["mask_sources"] = {**(self.attrs.get("mask_sources") or {}), name: spec}
 
 
 def _canon(value):

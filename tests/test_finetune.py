@@ -14,11 +14,10 @@ from PIL import Image
 import probe.finetune.checkpoint as checkpoint_module
 from probe.backbones import create_backbone
 from probe.data.cub import CUB
-from probe.data.transforms import Preprocess
+from probe.data.transforms import GEOMETRIC_OPS, Preprocess, TrainTransform
 from probe.dump import dump
 from probe.errors import ProbeError
 from probe.finetune import finetune
-from probe.data.transforms import GEOMETRIC_OPS, TrainTransform
 from probe.finetune.data import EvalItems, keep_on_grid
 from probe.finetune.model import MaskedClassifier
 from probe.finetune.recipe import make_recipe

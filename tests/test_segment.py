@@ -19,8 +19,12 @@ from probe.segment.evaluate import evaluate
 from probe.segment.models import build, load
 from probe.segment.predict import assemble, predict, tile_boxes
 from probe.segment.train import train
-from probe.segment.unsupervised import (_cls_attention_scorer, centre_oriented, first_component,
-                                        unsupervised)
+from probe.segment.unsupervised import (
+    _cls_attention_scorer,
+    centre_oriented,
+    first_component,
+    unsupervised,
+)
 
 LIGHT = dict(model="light", backbone="test_vit", random_init=True, image_size=64, batch_size=8,
              workers=0, progress=False)

@@ -10,8 +10,24 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from probe.data.synth import (BEAK, BELLY, BODY, EYE, HABITATS, HEAD, LEGS, TAIL, WATER, WING,
-                              WINGBAR, background, make_synthetic, plan, render, species)
+from probe.data.synth import (
+    BEAK,
+    BELLY,
+    BODY,
+    EYE,
+    HABITATS,
+    HEAD,
+    LEGS,
+    TAIL,
+    WATER,
+    WING,
+    WINGBAR,
+    background,
+    make_synthetic,
+    plan,
+    render,
+    species,
+)
 from probe.errors import ProbeError
 
 CLASSES, PER_CLASS, SIZE = 6, 8, 64

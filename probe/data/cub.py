@@ -129,6 +129,12 @@ class CUBIndex:
         return digest.hexdigest()[:16]
 
 
+def waterbirds_fingerprint(folder: Path) -> str | None:
+    """Hash of the Waterbirds metadata.csv (None without the folder): which backgrounds it has."""
+    path = Path(folder) / "metadata.csv"
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
+
+
 def read_waterbirds_metadata(folder: Path) -> dict[str, tuple[int, int]]:
     """img_filename -> (waterbird label y, place) from the Waterbirds metadata.csv."""
     path = folder / "metadata.csv"

@@ -13,7 +13,6 @@ mask rule, so fine-tuned and frozen runs are scored on the same inputs and masks
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 from PIL import Image

@@ -27,7 +27,7 @@ from probe.data.cub import CUB, WATERBIRDS_DIRNAME
 from probe.data.loading import guarded_loader
 from probe.data.masks import MaskSource
 from probe.data.transforms import Preprocess
-from probe.dump import _runtime, default_dataset_name
+from probe.dump import default_dataset_name, runtime
 from probe.errors import ProbeError
 from probe.finetune import checkpoint
 from probe.finetune.data import EvalItems, TrainItems, TrainTransform, keep_on_grid
@@ -71,7 +71,7 @@ def finetune(backbone: str, data_root, *, mask: str = "none", stage: str = "L",
     root = Path(data_root).expanduser()
     dataset = dataset or default_dataset_name(root)
     r = make_recipe(recipe, backbone, **recipe_values)
-    rt = _runtime(device)
+    rt = runtime(device)
     if rt.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 

@@ -14,9 +14,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from probe.data.cub import CUB
-from probe.data.masks import MaskSource
-from probe.dump import _check_masks, _splits
 from probe.data.loading import batches
+from probe.data.masks import MaskSource
+from probe.dump import check_masks, dataset_splits
 
 GT = MaskSource("gt")
 
@@ -66,10 +66,10 @@ def evaluate(data_root: str | Path, masks: str, *, splits=None, waterbirds_root=
     root = Path(data_root).expanduser()
     source = MaskSource.parse(masks)
     results = {}
-    for split in _splits(root, splits, waterbirds_root):
+    for split in dataset_splits(root, splits, waterbirds_root):
         cub = CUB(root, split, masks=source, waterbirds_root=waterbirds_root)
-        _check_masks(cub, GT)
-        _check_masks(cub, source)  # every missing file listed before any work
+        check_masks(cub, GT)
+        check_masks(cub, source)  # every missing file listed before any work
         counts = []
         with tqdm(total=len(cub), desc=f"IoU {split}", unit="img", disable=not progress) as bar:
             for items in batches(_Confusions(cub, source), batch_size=32, workers=workers):

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from probe.backbones import Backbone, _offline, create_backbone
+from probe.backbones import Backbone, create_backbone, offline
 from probe.data.transforms import Preprocess
 from probe.errors import ConfigMismatchError, ProbeError, WeightsUnavailableError
 from probe.finetune import checkpoint
@@ -190,7 +190,7 @@ def _mask2former(spec: dict, model_kwargs: dict) -> Mask2FormerSegmenter:
     else:
         try:  # the class head is replaced: ADE's 150 classes -> background / bird
             model = cls.from_pretrained(spec["source"], ignore_mismatched_sizes=True,
-                                        local_files_only=_offline(), **labels, **model_kwargs)
+                                        local_files_only=offline(), **labels, **model_kwargs)
         except OSError as e:
             raise WeightsUnavailableError(
                 f"Mask2Former weights {spec['source']!r} are not available "

@@ -22,11 +22,11 @@ from tqdm import tqdm
 
 from probe.data.cub import CUB
 from probe.data.images import load_rgb
+from probe.data.loading import batches
 from probe.data.masks import WATERBIRDS_SUBDIR
 from probe.data.transforms import Preprocess
-from probe.dump import _runtime, _splits
+from probe.dump import dataset_splits, runtime
 from probe.segment.files import atomic, claim_mask_folder
-from probe.data.loading import batches
 from probe.segment.models import WEIGHTS_FILE, load
 
 # score(tiles [N, 3, S, S], tiles per image) -> scores [N, h, w]
@@ -87,7 +87,7 @@ def write_masks(data_root: str | Path, out: str | Path, score: Scorer, preproces
     """
     root, out = Path(data_root).expanduser(), Path(out).expanduser()
     cubs = [CUB(root, s, waterbirds_root=waterbirds_root)  # a bad dataset fails before any write
-            for s in _splits(root, splits, waterbirds_root)]
+            for s in dataset_splits(root, splits, waterbirds_root)]
     claim_mask_folder(out, config)
     device = torch.device(device)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
@@ -119,7 +119,7 @@ def predict(data_root: str | Path, model: str | Path, out: str | Path, *, splits
     """Masks of a trained segmenter folder (from `train`) for every image of `splits`."""
     folder = Path(model).expanduser()
     seg = load(folder)
-    device = _runtime(device).device
+    device = runtime(device).device
     seg.to(device)
     weights = hashlib.sha256((folder / WEIGHTS_FILE).read_bytes()).hexdigest()[:16]
     config = dict(kind="segmenter", weights_sha256=weights,

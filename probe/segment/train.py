@@ -15,10 +15,10 @@ import torch
 from tqdm import tqdm
 
 from probe.data.cub import CUB
-from probe.dump import _check_masks, _runtime
+from probe.data.loading import batches
+from probe.dump import check_masks, runtime
 from probe.errors import ConfigMismatchError, ProbeError
 from probe.finetune import checkpoint
-from probe.data.loading import batches
 from probe.segment.models import SPEC_FILE, build, check_model_name, save
 
 DEFAULTS = {  # per model: a frozen-backbone decoder tolerates a much larger step than Mask2Former
@@ -61,13 +61,13 @@ def train(data_root: str | Path, *, model: str = "mask2former-swin-t", backbone:
         raise ProbeError(f"--epochs and --batch-size must be at least 1, got {hp['epochs']} and "
                          f"{hp['batch_size']}")
     cub = CUB(root, "train", masks="gt")
-    _check_masks(cub, cub.masks)
+    check_masks(cub, cub.masks)
     config = dict(model=model, backbone=backbone, weights=str(weights) if weights else None,
                   random_init=random_init, image_size=image_size, hidden=hidden, seed=seed,
                   model_kwargs=model_kwargs or {}, dataset=cub.index.fingerprint(), **hp)
     if _existing(out, resume):
         return out
-    device = _runtime(device).device
+    device = runtime(device).device
     torch.manual_seed(seed)  # the decoder / class head initialisation
     seg = build(model, backbone=backbone, weights=weights, random_init=random_init,
                 image_size=image_size, hidden=hidden, model_kwargs=model_kwargs).to(device)

@@ -19,7 +19,7 @@ import torch
 
 from probe.backbones import create_backbone
 from probe.data.transforms import Preprocess
-from probe.dump import _runtime
+from probe.dump import runtime
 from probe.errors import ProbeError
 from probe.segment.predict import write_masks
 
@@ -82,7 +82,7 @@ def unsupervised(backbone: str, data_root: str | Path, out: str | Path, *, metho
         raise ProbeError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     bb = create_backbone(backbone, weights=weights, random_init=random_init, image_size=image_size,
                          **(model_kwargs or {}))
-    device = _runtime(device).device
+    device = runtime(device).device
     bb.to(device)
     if method == "pca":
         score, to_mask = _pca_scorer(bb), lambda s: centre_oriented(s) > 0
