@@ -57,7 +57,8 @@ def pooling(args, work: Path, rng, out: dict):
     """Late-masked cls+patch pooling of a ViT-B-like L map against reading the same bytes."""
     n, h, d = args.store_rows, 16, args.dim
     store = FeatureStore.create(work / "store.zarr", {"backbone": "bench"})
-    split = store.create_split("train", n, h * h * d * 2, {"ids": np.arange(n), "labels": np.zeros(n, np.int64)})
+    index = {"ids": np.arange(n), "labels": np.zeros(n, np.int64)}
+    split = store.create_split("train", n, h * h * d * 2, index)
     arrays = {"L": (h, h, d), "prefix": (1, d), "fgseed.gt.16x16": (h, h)}
     for name, tail in arrays.items():
         array = split.require(name, ArraySpec(tail, "float16"))

@@ -33,6 +33,16 @@ def main():
     """
 
 
+@main.command("backbones")
+def backbones_command():
+    """List the registry's short names (any timm model name or hf:<hub id> works too)."""
+    from probe.backbones import list_backbones
+
+    for name, description in list_backbones().items():
+        click.echo(f"{name:<12} {description}")
+    click.echo("\nAlso: any timm model name (e.g. test_vit, resnet50) or hf:<hub id or folder>.")
+
+
 @main.group()
 def data():
     """Create and validate datasets in the CUB-200-2011 layout."""
@@ -76,10 +86,10 @@ def _csv(value: str) -> list[str]:
 
 
 @main.command()
-@click.option("--backbone", required=False,
+@click.option("--backbone", required=True,
               help="Registry short name (vit_s/b/l, vit_*_reg, convnext_s/b/l), any timm model name, "
                    "or hf:<hub id or folder>. See `probe backbones`.")
-@click.option("--data", "data_root", type=click.Path(path_type=Path), required=False,
+@click.option("--data", "data_root", type=click.Path(path_type=Path), required=True,
               help="CUB-200-2011 root folder (real or from `probe data synth`).")
 @click.option("--input", "input_", type=click.Choice(["original", "masked"]), default="original",
               help="masked = early masking: background pixels blacked out before the backbone.")
@@ -100,17 +110,18 @@ def _csv(value: str) -> list[str]:
 @click.option("--random-init", is_flag=True, help="Random weights (tests, demos, no network).")
 @click.option("--image-size", type=int, default=None,
               help="Input side in pixels [default: the backbone's, 518 for DINOv2, 224 for ConvNeXt].")
-@click.option("--batch-size", default=64, help="Images per forward pass.")
-@click.option("--workers", default=2, help="DataLoader worker processes decoding images.")
+@click.option("--batch-size", default=64, type=click.IntRange(min=1), help="Images per forward pass.")
+@click.option("--workers", default=2, type=click.IntRange(min=0),
+              help="DataLoader worker processes decoding images.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               help="auto = cuda when available (bf16 autocast), else cpu (fp32).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("features"),
               help="Root folder of feature stores.")
 @click.option("--overwrite", is_flag=True, help="Replace a store built with another configuration.")
-@click.option("--chunk-rows", type=int, default=None,
+@click.option("--chunk-rows", type=click.IntRange(min=1), default=None,
               help="Images per Zarr chunk (the unit of resuming and of torchrun work sharing) "
                    "[default: about 16 MiB of the widest array].")
-@click.option("--views", default=0,
+@click.option("--views", default=0, type=click.IntRange(min=0),
               help="Also store this many augmented views of every train image (split train.aug), "
                    "made with the study's frozen-recipe training transform; masks follow the "
                    "geometry. Approximates the study's on-line augmentation (`probe fit --views`).")
@@ -126,8 +137,6 @@ def dump(backbone, data_root, input_, masks, splits, taps, waterbirds, dataset, 
     """
     from probe import dump as api
 
-    if not backbone or not data_root:
-        raise click.UsageError("--backbone and --data are required")
     if add_masks:
         name = api.input_name(input_, api.MaskSource.parse(masks))
         path = api.store_path(out, dataset or api.default_dataset_name(data_root), backbone, name)
@@ -181,7 +190,8 @@ def _print_metrics(record: dict) -> None:
 @click.option("--recipe", type=click.Choice(["paper", "sweep"]), default="paper",
               help="Linear head: paper = the study's frozen recipe; sweep = a grid of lr x weight "
                    "decay trained as one batched model, chosen on val.")
-@click.option("--views", default=0, help="Also train on this many stored augmented views per image.")
+@click.option("--views", default=0, type=click.IntRange(min=0),
+              help="Also train on this many stored augmented views per image.")
 @click.option("--seed", default=0, help="Seed of the head's initialisation and batch order.")
 @click.option("--features", type=click.Path(path_type=Path), default=Path("features"),
               help="Root folder of feature stores.")
@@ -231,15 +241,20 @@ def _tables(value: str) -> tuple[int, ...]:
 @click.option("--results", type=click.Path(path_type=Path), default=Path("results"),
               help="Folder of run records.")
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
-              help="Local weights file for the backbone (one backbone only).")
+              help="Local weights file for the backbone (only with a single --backbones entry).")
 @click.option("--random-init", is_flag=True, help="Random weights (no network).")
 @click.option("--image-size", type=int, default=None, help="Override the backbones' input size.")
-@click.option("--batch-size", default=64, help="Images per forward pass when dumping.")
-@click.option("--workers", default=2, help="DataLoader workers when dumping.")
+@click.option("--batch-size", default=64, type=click.IntRange(min=1),
+              help="Images per forward pass when dumping.")
+@click.option("--workers", default=2, type=click.IntRange(min=0), help="DataLoader workers when dumping.")
+@click.option("--waterbirds", type=click.Path(path_type=Path), default=None,
+              help="Waterbirds folder [default: DATA/waterbird_complete95_forest2water2].")
+@click.option("--dataset", default=None,
+              help="Dataset name in the store path [default: cub for CUB_200_2011, else DATA's name].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               help="Device for dumps and fine-tunes.")
 def run_command(tables, backbones, data_root, frozen_only, masks, features, results, weights,
-                random_init, image_size, batch_size, workers, device):
+                random_init, image_size, batch_size, workers, waterbirds, dataset, device):
     """Run every missing dump, fit and fine-tune the study's tables need; skip what exists.
 
     Interrupted? Run the same command again: finished steps are reused, a dump resumes.
@@ -249,7 +264,8 @@ def run_command(tables, backbones, data_root, frozen_only, masks, features, resu
     counts = run(_tables(tables), _csv(backbones) if backbones else None, data_root=data_root,
                  features=features, results=results, frozen_only=frozen_only, mask_source=masks,
                  random_init=random_init, weights=weights, image_size=image_size,
-                 batch_size=batch_size, workers=workers, device=device)
+                 batch_size=batch_size, workers=workers, waterbirds_root=waterbirds,
+                 dataset=dataset, device=device)
     new = counts["new_fits"] + counts["new_finetunes"]
     click.echo(f"{counts['dumps']} stores, {counts['fits']} fits ({counts['new_fits']} new), "
                f"{counts['finetunes']} fine-tunes ({counts['new_finetunes']} new)"

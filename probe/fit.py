@@ -179,9 +179,9 @@ def fit(backbone: str, *, features: str | Path = "features", dataset: str | None
     started = time.perf_counter()
     train = train_store.split("train")
     X = pooled(train_store, train, spec)
-    y = train.read("labels")
+    y, ids = train.read("labels"), train.read("ids")
     if views:
-        X, y = _with_views(train_store, spec, X, y, views)
+        X, y, ids = _with_views(train_store, spec, X, y, ids, views)
     pooled_seconds = time.perf_counter() - started
     model = _make_head(classifier, recipe, kind, seed, device)
     if classifier == "linear" and recipe == "paper":
@@ -190,7 +190,8 @@ def fit(backbone: str, *, features: str | Path = "features", dataset: str | None
     else:  # choose on val only (a stratified 10% of train), then refit on all of train
         val = stratified_holdout(train.read("ids"), train.read("labels"))
         val_rows = np.concatenate([val, np.zeros(len(y) - len(val), bool)])  # views never in val
-        model.fit_select(X[~val_rows], y[~val_rows], X[val_rows], y[val_rows], X, y)
+        fit_rows = ~np.isin(ids, train.read("ids")[val])  # nor views of val images in training
+        model.fit_select(X[fit_rows], y[fit_rows], X[val_rows], y[val_rows], X, y)
         chosen = dict(model.chosen_)
     fit_seconds = time.perf_counter() - started - pooled_seconds
 
@@ -214,7 +215,7 @@ def fit(backbone: str, *, features: str | Path = "features", dataset: str | None
     return record
 
 
-def _with_views(store: FeatureStore, spec: PoolSpec, X, y, views: int):
+def _with_views(store: FeatureStore, spec: PoolSpec, X, y, ids, views: int):
     """Append the store's augmented train views (split `train.aug`) to the training rows."""
     if not store.has_split("train.aug"):
         raise ProbeError(f"{store.path} has no augmented views; dump them with --views {views}")
@@ -225,4 +226,4 @@ def _with_views(store: FeatureStore, spec: PoolSpec, X, y, views: int):
         raise ProbeError(f"{store.path} holds {int(view.max(initial=-1)) + 1} views per image; "
                          f"asked for {views}; dump again with --views {views}")
     return (np.concatenate([X, pooled(store, aug, spec, rows)]),
-            np.concatenate([y, aug.read("labels")[rows]]))
+            np.concatenate([y, aug.read("labels")[rows]]), np.concatenate([ids, aug.read("ids")[rows]]))

@@ -150,12 +150,19 @@ def _cell_values(records: pd.DataFrame, table: int, backbones: Sequence[str],
     cells = table_cells(table, backbones, kind_of)
     frame = pd.DataFrame([asdict(c) | {f"r_{k}": v for k, v in c.record_key().items()}
                           for c in cells], columns=_CELL + _KEY)
-    ours = records.groupby(_KEY).agg(ours=("top1", "mean"), n=("top1", "count"),
+    ours = _latest_setting(records).groupby(_KEY).agg(ours=("top1", "mean"), n=("top1", "count"),
                                      ids=("record_id", tuple)).reset_index()
     frame = frame.merge(ours, how="left", on=_KEY).drop(columns=_KEY)
     frame = frame.merge(paper_numbers().rename(columns={"top1": "paper"}), how="left", on=_CELL)
     frame["diff"] = frame.ours - frame.paper
     return frame
+
+
+def _latest_setting(records: pd.DataFrame) -> pd.DataFrame:
+    """A cell averages the seeds of one setting (the record's configuration but its seed); an
+    older setting of the same cell (a rebuilt store, other weights) is left out, not averaged."""
+    latest = records.sort_values("created").drop_duplicates(_KEY, keep="last")[_KEY + ["setting"]]
+    return records.merge(latest, on=_KEY + ["setting"])
 
 
 def _grid(values: pd.DataFrame, layout: Layout) -> tuple[list[tuple], list[tuple], dict]:
@@ -313,7 +320,8 @@ def build_report(results_dir: str | Path = "results", tables: Sequence[int] = (3
     hidden = sorted(set(records.record_id) - shown)
     if hidden:  # never drop records silently
         findings.append(f"{len(hidden)} record(s) in no table shown (outside the requested"
-                        f" tables' cells, or another mask source): {', '.join(hidden)}\n")
+                        f" tables' cells, another mask source, or superseded by a newer setting"
+                        f" of their cell): {', '.join(hidden)}\n")
     summary = "\n".join(findings)
     (out / "summary.md").write_text(summary, encoding="utf-8")
     (out / "report.md").write_text("\n".join(t for *_, t in written) + "\n" + summary,

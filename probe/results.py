@@ -34,7 +34,7 @@ COLUMNS = [
     "record_id", "kind", "data", "backbone", "regime", "strategy", "stage",
     "representation", "pooling", "mask_source", "fg_rule", "train_input", "test_input",
     "dataset", "top1", "mean_per_class", "n", "worst_group", "classifier", "recipe",
-    "views", "seed", "created", "path",
+    "views", "seed", "setting", "created", "path",
 ]
 _CONFIG_COLUMNS = [
     "backbone", "regime", "strategy", "stage", "representation", "pooling", "mask_source",
@@ -150,7 +150,8 @@ def _rows(record: dict, path: Path) -> list[dict]:
     kind = record.get("kind", "fit")
     base = {key: config.get(key) for key in _CONFIG_COLUMNS}
     base.update(record_id=record.get("id", path.stem), kind=kind, data=config.get("dataset"),
-                created=record.get("created"), path=str(path))
+                created=record.get("created"), path=str(path),
+                setting=record_id({k: v for k, v in config.items() if k != "seed"}))
     if base["regime"] is None:  # older or hand-made records: the kind implies the regime
         base["regime"] = "finetuned" if kind == "finetune" else "frozen"
     rows = []

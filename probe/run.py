@@ -12,6 +12,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from probe.dump import dump
+from probe.errors import ProbeError
 from probe.experiments import TABLES, plan
 from probe.fit import fit
 from probe.report import build_report
@@ -21,9 +22,12 @@ DEMO_BACKBONES = ("test_vit", "test_convnext")  # one ViT with a CLS token, one 
 
 def run(tables=TABLES, backbones=None, *, data_root, features="features", results="results",
         frozen_only=False, mask_source="gt", random_init=False, weights=None, image_size=None,
-        batch_size=64, workers=2, device="auto", progress=True) -> dict:
+        batch_size=64, workers=2, waterbirds_root=None, dataset=None, device="auto",
+        progress=True) -> dict:
     """Run every missing dump, fit and fine-tune that `tables` need; returns counts of each."""
     dumps, fits, finetunes = plan(tables, backbones, frozen_only, mask_source=mask_source)
+    if weights is not None and len({d["backbone"] for d in dumps + fits + finetunes}) > 1:
+        raise ProbeError("--weights is one backbone's file: pass a single --backbones entry")
     if finetunes:
         from probe.finetune import finetune
     counts = {"dumps": len(dumps), "fits": len(fits), "finetunes": len(finetunes),
@@ -37,13 +41,15 @@ def run(tables=TABLES, backbones=None, *, data_root, features="features", result
             dump(spec["backbone"], data_root, input=spec["input"], masks=spec["masks"],
                  taps=spec["taps"], out=features, random_init=random_init, weights=weights,
                  image_size=image_size, batch_size=batch_size, workers=workers, device=device,
-                 progress=False)
+                 waterbirds_root=waterbirds_root, dataset=dataset, progress=False)
         elif kind == "fit":
-            record = fit(**spec, features=features, data_root=data_root, results=results)
+            record = fit(**spec, features=features, data_root=data_root, dataset=dataset,
+                         results=results)
             counts["new_fits"] += not record.get("reused")
         else:
             record = finetune(**spec, data_root=data_root, results=results, device=device,
-                              random_init=random_init, weights=weights, image_size=image_size)
+                              random_init=random_init, weights=weights, image_size=image_size,
+                              waterbirds_root=waterbirds_root, dataset=dataset)
             counts["new_finetunes"] += not record.get("reused")
     return counts
 

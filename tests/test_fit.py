@@ -97,17 +97,33 @@ def test_pooled_cache_and_record_reuse(small_demo, monkeypatch):
     assert "k" in knn["chosen"]
 
 
-def test_validation_rows_come_from_train_only(small_demo):
+def test_validation_rows_come_from_train_only(small_demo, monkeypatch):
+    from probe.heads import LogRegHead
+
     out, _ = small_demo
     store = _store(out, "test_vit")
-    train, test = store.split("train"), store.split("test")
-    held = stratified_holdout(train.read("ids"), train.read("labels"))
-    val_ids = set(train.read("ids")[held])
-    assert val_ids and val_ids.isdisjoint(test.read("ids"))
+    train = store.split("train")
+    features = {tuple(np.round(r, 4)): i for i, r in enumerate(fit_module.pooled(
+        store, train, fit_module.pool_spec(head="cls+patch", mask="none", stage="L",
+                                           mask_source="gt", fg_rule="seed", fg_threshold=0.5,
+                                           pooling="mean")))}
+    seen = {}
+    real = LogRegHead.fit_select
+
+    def spy(self, X_train, y_train, X_val, y_val, X_full, y_full):
+        seen.update(train=X_train, val=X_val, full=X_full)
+        return real(self, X_train, y_train, X_val, y_val, X_full, y_full)
+
+    monkeypatch.setattr(LogRegHead, "fit_select", spy)
     record = fit("test_vit", features=out / "features", classifier="logreg",
-                 results=out / "results")
+                 results=out / "results", force=True)
+    rows = {k: [features[tuple(np.round(r, 4))] for r in v] for k, v in seen.items()}
+    held = stratified_holdout(train.read("ids"), train.read("labels"))
+    assert sorted(rows["val"]) == sorted(np.flatnonzero(held))  # only train rows, the held-out ones
+    assert set(rows["train"]).isdisjoint(rows["val"])
+    assert sorted(rows["full"]) == list(range(len(held)))  # the refit sees all of train
     assert record["chosen"]["C"] in np.logspace(-3, 2, 6)
-    assert record["metrics"]["cub/original"]["n"] == len(test.read("ids"))
+    assert record["metrics"]["cub/original"]["n"] == store.split("test").rows
 
 
 def test_errors_name_the_fix(small_demo, tmp_path):

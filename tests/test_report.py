@@ -1,6 +1,7 @@
 """The study's grid (experiments.py) and reports built from hand-made run records."""
 
 import math
+import time
 
 import pandas as pd
 import pytest
@@ -191,3 +192,20 @@ def test_empty_results_still_show_the_study(tmp_path):
     assert "No run records in" in result.summary and "not enough records" not in result.summary
     with pytest.raises(ProbeError, match="no such table"):
         build_report(tmp_path / "none", tables=(2,), out=tmp_path / "out")
+
+
+def test_a_newer_setting_of_a_cell_replaces_the_older_instead_of_averaging(tmp_path):
+    results = tmp_path / "results"
+    add(results, "convnext_b", "baseline", {"cub/original": 70.0}, representation="patch",
+        stores={"original": "old-store"})
+    time.sleep(0.01)  # records are ordered by their creation time
+    add(results, "convnext_b", "baseline", {"cub/original": 90.0}, representation="patch",
+        stores={"original": "rebuilt-store"}, seed=0)
+    add(results, "convnext_b", "baseline", {"cub/original": 80.0}, representation="patch",
+        stores={"original": "rebuilt-store"}, seed=1)
+    result = build_report(results, tables=(4,), out=tmp_path / "out")
+    t4 = pd.read_csv(tmp_path / "out" / "table4-cub.csv")
+    row = t4[(t4.iloc[:, 0] == "convnext_b") & (t4.iloc[:, 1] == "Baseline")].iloc[0]
+    assert row["CUB / frozen: ours"] == pytest.approx(85.0)  # the two seeds of the newer setting
+    assert row["CUB / frozen: n"] == 2
+    assert "superseded" in result.summary

@@ -13,8 +13,8 @@ from probe.results import find_record, load_records, record_id, write_record
 EXPECTED_COLUMNS = [
     "record_id", "kind", "data", "backbone", "regime", "strategy", "stage", "representation",
     "pooling", "mask_source", "fg_rule", "train_input", "test_input", "dataset", "top1",
-    "mean_per_class", "n", "worst_group", "classifier", "recipe", "views", "seed", "created",
-    "path",
+    "mean_per_class", "n", "worst_group", "classifier", "recipe", "views", "seed", "setting",
+    "created", "path",
 ]
 
 

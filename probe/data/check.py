@@ -60,6 +60,8 @@ def check_dataset(root: str | Path, waterbirds_root: str | Path | None = None,
             report.problems.append(f"class {index.class_names[c]} has no training image")
 
     source = MaskSource.parse(masks)
+    if source.kind == "dir" and not source.folder.is_dir():
+        report.problems.append(f"mask folder {source.folder} does not exist")
     wb_root = Path(waterbirds_root or index.root / WATERBIRDS_DIRNAME)
     items = [(index.root / "images" / p, p, False) for p in index.paths]
     if wb_root.is_dir() or waterbirds_root is not None:
