@@ -25,7 +25,7 @@ def pooled_features(rows, dim, classes, rng):
     """Train and test draws shaped like backbone features: class means plus noise, seen
     through a power-law spectrum (real embeddings are far from isotropic, which is what
     makes L-BFGS need many iterations on them)."""
-    means = rng.normal(size=(classes, dim)).astype(np.float32) * 0.5
+    means = rng.normal(size=(classes, dim)).astype(np.float32) * 0.25
     y = np.arange(rows) % classes
     spectrum = (np.arange(1, dim + 1) ** -0.5).astype(np.float32) * 4
     basis = np.linalg.qr(rng.normal(size=(dim, dim)))[0].astype(np.float32)

@@ -89,11 +89,6 @@ class Backbone(torch.nn.Module):
                              f"it has {sorted(self._shapes)}")
         return self._shapes[key]
 
-    def transform_config(self) -> dict:
-        """The input pipeline, recorded with every feature store (lists, so JSON round-trips)."""
-        return dict(image_size=self.image_size, mean=list(self.mean), std=list(self.std),
-                    interpolation="bicubic", resize="shorter-side then center crop", crop_pct=1.0)
-
     def head_norm(self) -> dict | None:
         return None
 

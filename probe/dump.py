@@ -7,6 +7,7 @@ the model never waits on the disk.
 """
 
 import errno
+import json
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
@@ -19,6 +20,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
+from probe.backbones import MASKED, create_backbone
 from probe.data.cub import CUB, WATERBIRDS_DIRNAME, waterbirds_fingerprint
 from probe.data.images import load_rgb
 from probe.data.loading import guarded_loader
@@ -31,11 +33,11 @@ from probe.data.transforms import (
     seeded,
 )
 from probe.errors import ProbeError
+from probe.results import jsonable
 from probe.store import ArraySpec, FeatureStore, Split, fg_array_name, safe_name, store_path
 
-FROM_MASKED = "L.from-masked-L-1"
 AUG_SPLIT = "train.aug"  # K augmented views of every train image, with a view index
-TAPS = ("L", "L-1", FROM_MASKED)
+TAPS = ("L", "L-1", MASKED)
 
 
 def default_dataset_name(root: str | Path) -> str:
@@ -176,7 +178,7 @@ def _write_chunk(split: Split, progress, chunk: int, arrays: dict[str, np.ndarra
 def _plan_arrays(backbone, taps: list[str], fg_source: MaskSource | None) -> dict[str, ArraySpec]:
     specs = {}
     for tap in taps:
-        name = f"{FROM_MASKED}.{fg_source.name}" if tap == FROM_MASKED else tap
+        name = f"{MASKED}.{fg_source.name}" if tap == MASKED else tap
         specs[name] = ArraySpec((*backbone.grid(tap), backbone.dim(tap)), "float16")
     if backbone.num_prefix_tokens:
         specs["prefix"] = ArraySpec((backbone.num_prefix_tokens, backbone.dim("L")), "float16")
@@ -201,7 +203,7 @@ def _run_split(split: Split, items: _Items, specs: dict[str, ArraySpec], backbon
     progress = progress if progress is not None else split.progress(pending)
     done = progress[:]
     chunks = [c for c in range(split.n_chunks) if c % rt.world == rt.rank and not done[c]]
-    taps = [n for n in pending if n in TAPS or n.startswith(FROM_MASKED)]
+    taps = [n for n in pending if n in TAPS or n.startswith(MASKED)]
     need_forward = bool(taps) or "prefix" in pending
     loader = guarded_loader(items, batch_sampler=_Batches(split, chunks, batch_size),
                             num_workers=workers, pin_memory=rt.device.type == "cuda")
@@ -222,13 +224,13 @@ def _run_split(split: Split, items: _Items, specs: dict[str, ArraySpec], backbon
                 if backbone.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 keep = None
-                if any(t.startswith(FROM_MASKED) for t in taps):
+                if any(t.startswith(MASKED) for t in taps):
                     keep = mask_to_grid(batch["fg_nearest"], backbone.grid("L-1"), "seed").to(rt.device)
                 base_taps = [t for t in ("L", "L-1", "prefix") if t in pending]
                 with torch.inference_mode(), autocast:
                     feats = backbone.forward_taps(x, taps=base_taps, lm1_keep=keep)
                 for name in pending:
-                    key = FROM_MASKED if name.startswith(FROM_MASKED) else name
+                    key = MASKED if name.startswith(MASKED) else name
                     if key in feats:
                         out[name] = _to_float16(name, feats[key], ids[rows])
             for name in pending:
@@ -284,7 +286,6 @@ def dump(backbone: str, data_root: str | Path, *, input: str = "original", masks
 
     Resumes an interrupted dump; does nothing for arrays already complete.
     """
-    from probe.backbones import create_backbone
 
     root = Path(data_root).expanduser()
     source = MaskSource.parse(masks)
@@ -295,8 +296,8 @@ def dump(backbone: str, data_root: str | Path, *, input: str = "original", masks
     unknown = [t for t in taps if t not in TAPS]
     if unknown:
         raise ProbeError(f"unknown taps {unknown}; choose from {', '.join(TAPS)}")
-    if FROM_MASKED in taps and source.kind == "none":
-        raise ProbeError(f"tap {FROM_MASKED} needs a mask source (--masks gt or dir:PATH)")
+    if MASKED in taps and source.kind == "none":
+        raise ProbeError(f"tap {MASKED} needs a mask source (--masks gt or dir:PATH)")
     name = input_name(input, source)
     rt = runtime(device)
     model = create_backbone(backbone, weights=weights, random_init=random_init,
@@ -313,7 +314,7 @@ def dump(backbone: str, data_root: str | Path, *, input: str = "original", masks
              "transform": preprocess.describe(), "input": name,
              "input_mask_source": source.spec if input == "masked" else None,
              "kind": model.kind, "num_prefix_tokens": model.num_prefix_tokens,
-             "head_norm": _jsonable(model.head_norm()), "data_root": str(root.resolve())}
+             "head_norm": json.loads(json.dumps(model.head_norm(), default=jsonable)), "data_root": str(root.resolve())}
     split_names = dataset_splits(root, splits, waterbirds_root)
     if "waterbirds" in split_names:
         attrs["waterbirds_fingerprint"] = waterbirds_fingerprint(
@@ -389,9 +390,3 @@ def add_masks(store: str | Path, data_root: str | Path, masks: str, *, waterbird
         items = _Items(cub, preprocess, need_image=bool(k), early=early, fg=source, views=k)
         _run_split(split, items, _fg_specs(grids, source), None, rt, batch_size, workers, progress)
     return Path(store)
-
-
-def _jsonable(head_norm):
-    if head_norm is None:
-        return None
-    return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in head_norm.items()}

@@ -13,20 +13,18 @@ from pathlib import Path
 
 import numpy as np
 
+from probe.backbones import MASKED
 from probe.data.masks import mask_name
 from probe.data.splits import stratified_holdout
-from probe.dump import FROM_MASKED
 from probe.errors import ProbeError
 from probe.heads import FROZEN_RECIPES, make_head
-from probe.metrics import accuracy, group_accuracies, mean_per_class_accuracy
+from probe.metrics import eval_metrics
 from probe.pooling import PoolSpec, pool
 from probe.results import find_record, write_record
 from probe.store import FeatureStore, Split, safe_name, store_path
 
 STRATEGIES = {"none": "baseline", "early": "early", "late": "late"}
 EVAL_SPLITS = {"test": "cub", "waterbirds": "waterbirds"}
-PLACES = ("land", "water")
-BIRDS = ("landbird", "waterbird")
 
 
 def _needed(split: Split, spec: PoolSpec) -> list[str]:
@@ -104,25 +102,11 @@ def pool_spec(*, head: str, mask: str, stage: str, mask_source: str, fg_rule: st
     if stage == "L-1":  # masked before the last stage; the head then pools all cells, no 2nd mask
         if pooling != "mean":
             raise ProbeError("--stage L-1 pools the recomputed last stage plainly: use --pooling mean")
-        return PoolSpec(f"{FROM_MASKED}.{mask_source}", head, "mean")
+        return PoolSpec(f"{MASKED}.{mask_source}", head, "mean")
     spatial = pooling if pooling != "mean" else ("late" if mask == "late" else "mean")
     if spatial == "mean":
         return PoolSpec("L", head, "mean")
     return PoolSpec("L", head, spatial, mask_source, fg_rule, fg_threshold)
-
-
-def _metrics(split: Split, labels: np.ndarray, pred: np.ndarray) -> dict:
-    out = {"top1": accuracy(labels, pred), "mean_per_class": mean_per_class_accuracy(labels, pred),
-           "n": int(len(labels))}
-    if "place" in split.names():
-        place, bird = split.read("place"), split.read("waterbird")
-        out["by_place"] = group_accuracies(labels, pred, {p: place == i for i, p in enumerate(PLACES)})
-        groups = {f"{b}/{p}": (bird == j) & (place == i)
-                  for j, b in enumerate(BIRDS) for i, p in enumerate(PLACES)}
-        out["by_group"] = group_accuracies(labels, pred, groups)
-        present = [v for v in out["by_group"].values() if v is not None]
-        out["worst_group"] = min(present) if present else None
-    return out
 
 
 def _make_head(classifier: str, recipe: str, kind: str, seed: int, device: str):
@@ -204,8 +188,10 @@ def fit(backbone: str, *, features: str | Path = "features", dataset: str | None
             if not all(split.complete(n) for n in _needed(split, spec)):
                 continue  # e.g. a masked-input store dumped without the L-1 recomputation
             labels = split.read("labels")
-            metrics[f"{eval_name}/{test_input}"] = _metrics(
-                split, labels, model.predict(pooled(store, split, spec)))
+            wb = "place" in split.names()
+            metrics[f"{eval_name}/{test_input}"] = eval_metrics(
+                labels, model.predict(pooled(store, split, spec)),
+                split.read("place") if wb else None, split.read("waterbird") if wb else None)
     record = {"kind": "fit", "config": config, "chosen": chosen, "metrics": metrics,
               "timings": {"pool_seconds": round(pooled_seconds, 3),
                           "fit_seconds": round(fit_seconds, 3),

@@ -44,3 +44,23 @@ def group_accuracies(y, pred, groups: dict[str, np.ndarray]) -> dict[str, float 
                               f"got {member.dtype} {member.shape}")
         out[name] = accuracy(y[member], pred[member]) if member.any() else None
     return out
+
+
+PLACES = ("land", "water")  # Waterbirds' `place` column: 0 land, 1 water
+BIRDS = ("landbird", "waterbird")  # its `y` column
+
+
+def eval_metrics(labels, pred, place=None, waterbird=None) -> dict:
+    """One evaluation set's metrics as run records store them (percent): top-1, mean per class,
+    n and, on Waterbirds, accuracy by place and by (bird type, place) group with the worst group."""
+    out = {"top1": accuracy(labels, pred), "mean_per_class": mean_per_class_accuracy(labels, pred),
+           "n": int(len(labels))}
+    if place is not None:
+        place, bird = np.asarray(place), np.asarray(waterbird)
+        out["by_place"] = group_accuracies(labels, pred, {p: place == i for i, p in enumerate(PLACES)})
+        out["by_group"] = group_accuracies(labels, pred, {
+            f"{b}/{p}": (bird == j) & (place == i)
+            for j, b in enumerate(BIRDS) for i, p in enumerate(PLACES)})
+        present = [v for v in out["by_group"].values() if v is not None]
+        out["worst_group"] = min(present) if present else None
+    return out

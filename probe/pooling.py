@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from probe.errors import ProbeError
+from probe.store import fg_array_name
 
 REPRESENTATIONS = ("cls", "patch", "cls+patch")
 SPATIAL = ("mean", "late", "fgmean", "bg")
@@ -193,7 +194,7 @@ class PoolSpec:
 
     def fg_array(self, h: int, w: int) -> str:
         """Name of the store array holding this spec's foreground map on an h x w grid."""
-        return f"{'fgseed' if self.fg_rule == 'seed' else 'fg'}.{self.mask}.{h}x{w}"
+        return fg_array_name(self.mask, (h, w), "seed" if self.fg_rule == "seed" else "area")
 
     def keep(self, fg: Array) -> Array:
         """Foreground cells from the map named by `fg_array` (the seed's map is already 0/1)."""

@@ -43,7 +43,7 @@ _CONFIG_COLUMNS = [
 _METRIC_COLUMNS = ["top1", "mean_per_class", "n", "worst_group"]
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """json ``default`` hook: numpy scalars/arrays and paths become plain JSON values."""
     if hasattr(value, "tolist"):  # numpy scalar or array
         return value.tolist()
@@ -57,7 +57,7 @@ def _jsonable(value: Any) -> Any:
 def _canonical(config: dict) -> str:
     # Sorted keys and fixed separators: the same configuration always hashes the same,
     # whatever order its keys were built in (tuples and lists also hash the same).
-    return json.dumps(config, sort_keys=True, separators=(",", ":"), default=_jsonable)
+    return json.dumps(config, sort_keys=True, separators=(",", ":"), default=jsonable)
 
 
 def record_id(config: dict) -> str:
@@ -95,7 +95,7 @@ def write_record(record: dict, results_dir: str | os.PathLike = "results") -> Pa
     record.setdefault("id", record_id(config))
     record.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
     record.setdefault("versions", _versions())
-    text = json.dumps(record, indent=1, sort_keys=True, default=_jsonable)
+    text = json.dumps(record, indent=1, sort_keys=True, default=jsonable)
 
     folder = _runs_dir(results_dir)
     folder.mkdir(parents=True, exist_ok=True)

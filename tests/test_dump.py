@@ -148,7 +148,7 @@ def test_torchrun_two_processes_equal_one_process(synth_root, tmp_path):
            "-m", "probe", "dump", "--backbone", "test_vit", "--random-init", "--image-size", "64",
            "--data", str(synth_root), "--splits", "train,test", "--workers", "0", "--device", "cpu",
            "--chunk-rows", "4", "--out", str(tmp_path / "two")]
-    for attempt in range(2):  # a second try only for the launcher's own port race
+    for _ in range(2):  # a second try only for the launcher's own port race
         launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                     start_new_session=True)  # a hang must not leave workers behind
         try:

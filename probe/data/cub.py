@@ -21,7 +21,6 @@ from probe.errors import DataError
 WATERBIRDS_DIRNAME = "waterbird_complete95_forest2water2"
 INDEX_FILES = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt")
 SPLITS = ("train", "test", "val", "train.rest", "waterbirds")
-PLACES = ("land", "water")
 
 
 class Problems(list):

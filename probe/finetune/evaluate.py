@@ -9,14 +9,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from probe.data.cub import PLACES
 from probe.data.loading import guarded_loader
 from probe.errors import ProbeError
 from probe.finetune.data import EvalItems, keep_on_grid
 from probe.finetune.model import MaskedClassifier
-from probe.metrics import accuracy, group_accuracies, mean_per_class_accuracy
-
-BIRDS = ("landbird", "waterbird")
+from probe.metrics import eval_metrics
 
 
 @torch.inference_mode()
@@ -63,15 +60,6 @@ def metrics(items: EvalItems, ids: np.ndarray, pred: np.ndarray) -> dict:
     cub = items.cub
     rows = np.searchsorted(cub.ids, ids)  # a split's rows follow ascending image id
     labels = cub.labels[rows]
-    out = {"top1": accuracy(labels, pred), "mean_per_class": mean_per_class_accuracy(labels, pred),
-           "n": int(len(labels))}
-    if cub.place is not None:
-        place, bird = cub.place[rows], cub.waterbird[rows]
-        out["by_place"] = group_accuracies(labels, pred,
-                                           {p: place == i for i, p in enumerate(PLACES)})
-        out["by_group"] = group_accuracies(labels, pred, {
-            f"{b}/{p}": (bird == j) & (place == i)
-            for j, b in enumerate(BIRDS) for i, p in enumerate(PLACES)})
-        present = [v for v in out["by_group"].values() if v is not None]
-        out["worst_group"] = min(present) if present else None
-    return out
+    if cub.place is None:
+        return eval_metrics(labels, pred)
+    return eval_metrics(labels, pred, cub.place[rows], cub.waterbird[rows])
