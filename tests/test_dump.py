@@ -217,3 +217,30 @@ def test_augmented_views_store_the_geometry_of_each_view(synth_root, tmp_path):
     assert not np.array_equal(aug.read("L")[0], aug.read("L")[1])  # two different views
     again = dump(data_root=synth_root, splits=["train"], views=2, out=tmp_path / "again", **VIT)
     np.testing.assert_array_equal(FeatureStore.open(again).split("train.aug").read("L"), aug.read("L"))
+
+
+def test_store_identity_covers_waterbirds_and_mask_folders(synth_root, tmp_path):
+    data = tmp_path / "birds"
+    shutil.copytree(synth_root, data)
+    path = dump(data_root=data, splits=["test", "waterbirds"], out=tmp_path / "f", **VIT)
+    metadata = data / "waterbird_complete95_forest2water2" / "metadata.csv"
+    metadata.write_text(metadata.read_text().replace("synthetic/", "other/"))
+    with pytest.raises(ConfigMismatchError, match="waterbirds_fingerprint"):
+        dump(data_root=data, splits=["test", "waterbirds"], out=tmp_path / "f", **VIT)
+    for parent in ("a", "b"):
+        shutil.copytree(data / "segmentations", tmp_path / parent / "pred")
+    add_masks(path, data, f"dir:{tmp_path / 'a' / 'pred'}", workers=0, progress=False)
+    with pytest.raises(ConfigMismatchError, match="mask source name 'pred' already stands for"):
+        add_masks(path, data, f"dir:{tmp_path / 'b' / 'pred'}", workers=0, progress=False)
+
+
+def test_a_split_left_half_created_is_rebuilt(synth_root, tmp_path):
+    reference = dump(data_root=synth_root, splits=["test"], out=tmp_path / "a", **VIT)
+    path = dump(data_root=synth_root, splits=["test"], out=tmp_path / "b", **VIT)
+    store = FeatureStore.open(path, mode="a")
+    store.split("test").group["ids"].attrs["complete"] = False  # as if killed while indexing
+    dump(data_root=synth_root, splits=["test"], out=tmp_path / "b", **VIT)
+    a, b = _arrays(reference), _arrays(path)
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=str(key))
