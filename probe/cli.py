@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 
+from probe import options
 from probe.errors import ProbeError
 
 
@@ -66,8 +67,7 @@ def data_synth(out, classes, per_class, size, seed):
 
 @data.command("check")
 @click.argument("root", type=click.Path(path_type=Path))
-@click.option("--waterbirds", type=click.Path(path_type=Path), default=None,
-              help="Waterbirds folder [default: ROOT/waterbird_complete95_forest2water2 if present].")
+@options.waterbirds
 @click.option("--masks", default="gt", help="Mask source to check: gt, dir:PATH or none.")
 @click.option("--no-decode", is_flag=True, help="Only check that files exist (faster).")
 def data_check(root, waterbirds, masks, no_decode):
@@ -101,20 +101,15 @@ def _csv(value: str) -> list[str]:
 @click.option("--taps", default="L",
               help="Comma-separated feature maps to keep: L (last stage), L-1 (second-to-last), "
                    "L.from-masked-L-1 (last stage recomputed from the background-zeroed L-1 map).")
-@click.option("--waterbirds", type=click.Path(path_type=Path), default=None,
-              help="Waterbirds folder [default: DATA/waterbird_complete95_forest2water2].")
-@click.option("--dataset", default=None,
-              help="Dataset name in the store path [default: cub for CUB_200_2011, else DATA's name].")
-@click.option("--weights", type=click.Path(path_type=Path), default=None,
-              help="Local weights file (safetensors or torch checkpoint) instead of the timm tag.")
-@click.option("--random-init", is_flag=True, help="Random weights (tests, demos, no network).")
-@click.option("--image-size", type=int, default=None,
-              help="Input side in pixels [default: the backbone's, 518 for DINOv2, 224 for ConvNeXt].")
+@options.waterbirds
+@options.dataset
+@options.weights
+@options.random_init
+@options.image_size
 @click.option("--batch-size", default=64, type=click.IntRange(min=1), help="Images per forward pass.")
 @click.option("--workers", default=2, type=click.IntRange(min=0),
               help="DataLoader worker processes decoding images.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
-              help="auto = cuda when available (bf16 autocast), else cpu (fp32).")
+@options.device
 @click.option("--out", type=click.Path(path_type=Path), default=Path("features"),
               help="Root folder of feature stores.")
 @click.option("--overwrite", is_flag=True, help="Replace a store built with another configuration.")
@@ -200,7 +195,7 @@ def _print_metrics(record: dict) -> None:
               help="Dataset root (only to name the dataset and print dump commands).")
 @click.option("--results", type=click.Path(path_type=Path), default=Path("results"),
               help="Folder of run records.")
-@click.option("--device", default="cpu", help="Device for the linear head (cpu, cuda, auto).")
+@options.device
 @click.option("--force", is_flag=True, help="Refit even if an identical record exists.")
 def fit_command(backbone, head, mask, stage, mask_source, fg_rule, fg_threshold, pooling,
                 classifier, recipe, views, seed, features, dataset, data_root, results, device,
@@ -240,19 +235,15 @@ def _tables(value: str) -> tuple[int, ...]:
               help="Root folder of feature stores.")
 @click.option("--results", type=click.Path(path_type=Path), default=Path("results"),
               help="Folder of run records.")
-@click.option("--weights", type=click.Path(path_type=Path), default=None,
-              help="Local weights file for the backbone (only with a single --backbones entry).")
-@click.option("--random-init", is_flag=True, help="Random weights (no network).")
-@click.option("--image-size", type=int, default=None, help="Override the backbones' input size.")
+@options.weights
+@options.random_init
+@options.image_size
 @click.option("--batch-size", default=64, type=click.IntRange(min=1),
               help="Images per forward pass when dumping.")
 @click.option("--workers", default=2, type=click.IntRange(min=0), help="DataLoader workers when dumping.")
-@click.option("--waterbirds", type=click.Path(path_type=Path), default=None,
-              help="Waterbirds folder [default: DATA/waterbird_complete95_forest2water2].")
-@click.option("--dataset", default=None,
-              help="Dataset name in the store path [default: cub for CUB_200_2011, else DATA's name].")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
-              help="Device for dumps and fine-tunes.")
+@options.waterbirds
+@options.dataset
+@options.device
 def run_command(tables, backbones, data_root, frozen_only, masks, features, results, weights,
                 random_init, image_size, batch_size, workers, waterbirds, dataset, device):
     """Run every missing dump, fit and fine-tune the study's tables need; skip what exists.

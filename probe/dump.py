@@ -314,7 +314,8 @@ def dump(backbone: str, data_root: str | Path, *, input: str = "original", masks
              "transform": preprocess.describe(), "input": name,
              "input_mask_source": source.spec if input == "masked" else None,
              "kind": model.kind, "num_prefix_tokens": model.num_prefix_tokens,
-             "head_norm": json.loads(json.dumps(model.head_norm(), default=jsonable)), "data_root": str(root.resolve())}
+             "head_norm": json.loads(json.dumps(model.head_norm(), default=jsonable)),
+             "data_root": str(root.resolve())}
     split_names = dataset_splits(root, splits, waterbirds_root)
     if "waterbirds" in split_names:
         attrs["waterbirds_fingerprint"] = waterbirds_fingerprint(

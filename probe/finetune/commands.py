@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from probe import options
 from probe.errors import ProbeError
 
 _RECIPE_OPTIONS = [  # (option, type, help); not given = the recipe's value
@@ -76,17 +77,13 @@ def _recipe_options(command):
               help="Root of run folders (checkpoints, log.csv, predictions.csv, weights).")
 @click.option("--results", type=click.Path(path_type=Path), default=Path("results"),
               help="Folder of run records.")
-@click.option("--dataset", default=None, help="Dataset name in records [default: from --data].")
-@click.option("--waterbirds", type=click.Path(path_type=Path), default=None,
-              help="Waterbirds folder [default: DATA/waterbird_complete95_forest2water2].")
-@click.option("--weights", type=click.Path(path_type=Path), default=None,
-              help="Local backbone weights file instead of the timm tag.")
-@click.option("--random-init", is_flag=True, help="Random backbone weights (tests, demos).")
-@click.option("--image-size", type=int, default=None,
-              help="Input side in pixels [default: the backbone's, 518 DINOv2, 224 ConvNeXt].")
+@options.dataset
+@options.waterbirds
+@options.weights
+@options.random_init
+@options.image_size
 @click.option("--workers", default=4, help="DataLoader worker processes per GPU.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
-              help="auto = cuda when available (bf16 autocast), else cpu (fp32).")
+@options.device
 @click.option("--seed", default=0, help="Seed of the head's initialisation and of every epoch's "
                                         "randomness.")
 def finetune(backbone, data_root, mask, stage, mask_source, head, recipe, micro_batch,
