@@ -106,17 +106,17 @@ def _csv(value: str) -> list[str]:
 @options.weights
 @options.random_init
 @options.image_size
-@click.option("--batch-size", default=64, type=click.IntRange(min=1), help="Images per forward pass.")
-@click.option("--workers", default=2, type=click.IntRange(min=0),
+@click.option("--batch-size", default=64, type=options.COUNT, help="Images per forward pass.")
+@click.option("--workers", default=2, type=options.NON_NEGATIVE_INT,
               help="DataLoader worker processes decoding images.")
 @options.device
 @click.option("--out", type=click.Path(path_type=Path), default=Path("features"),
               help="Root folder of feature stores.")
 @click.option("--overwrite", is_flag=True, help="Replace a store built with another configuration.")
-@click.option("--chunk-rows", type=click.IntRange(min=1), default=None,
+@click.option("--chunk-rows", type=options.COUNT, default=None,
               help="Images per Zarr chunk (the unit of resuming and of torchrun work sharing) "
                    "[default: about 16 MiB of the widest array].")
-@click.option("--views", default=0, type=click.IntRange(min=0),
+@click.option("--views", default=0, type=options.NON_NEGATIVE_INT,
               help="Also store this many augmented views of every train image (split train.aug), "
                    "made with the study's frozen-recipe training transform; masks follow the "
                    "geometry. Approximates the study's on-line augmentation (`probe fit --views`).")
@@ -185,7 +185,7 @@ def _print_metrics(record: dict) -> None:
 @click.option("--recipe", type=click.Choice(["paper", "sweep"]), default="paper",
               help="Linear head: paper = the study's frozen recipe; sweep = a grid of lr x weight "
                    "decay trained as one batched model, chosen on val.")
-@click.option("--views", default=0, type=click.IntRange(min=0),
+@click.option("--views", default=0, type=options.NON_NEGATIVE_INT,
               help="Also train on this many stored augmented views per image.")
 @click.option("--seed", default=0, help="Seed of the head's initialisation and batch order.")
 @click.option("--features", type=click.Path(path_type=Path), default=Path("features"),
@@ -238,9 +238,9 @@ def _tables(value: str) -> tuple[int, ...]:
 @options.weights
 @options.random_init
 @options.image_size
-@click.option("--batch-size", default=64, type=click.IntRange(min=1),
+@click.option("--batch-size", default=64, type=options.COUNT,
               help="Images per forward pass when dumping.")
-@click.option("--workers", default=2, type=click.IntRange(min=0), help="DataLoader workers when dumping.")
+@click.option("--workers", default=2, type=options.NON_NEGATIVE_INT, help="DataLoader workers when dumping.")
 @options.waterbirds
 @options.dataset
 @options.device

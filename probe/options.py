@@ -20,3 +20,11 @@ image_size = click.option(
     help="Input side in pixels [default: the backbone's, 518 for DINOv2, 224 for ConvNeXt].")
 device = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                       help="auto = cuda when available (bf16 autocast), else cpu (fp32).")
+
+# value ranges: a bad number is a one-line usage error, not a traceback deep in training
+COUNT = click.IntRange(min=1)
+NON_NEGATIVE_INT = click.IntRange(min=0)
+RATE = click.FloatRange(min=0, min_open=True)
+NON_NEGATIVE = click.FloatRange(min=0)
+PROBABILITY = click.FloatRange(0, 1)
+BELOW_ONE = click.FloatRange(0, 1, max_open=True)

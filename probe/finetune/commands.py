@@ -13,22 +13,23 @@ from probe import options
 from probe.errors import ProbeError
 
 _RECIPE_OPTIONS = [  # (option, type, help); not given = the recipe's value
-    ("--epochs", int, "Training epochs [paper: 300, frozen: 90]."),
-    ("--batch-size", int, "Images per optimiser step over all GPUs [paper: 64, frozen: 128]."),
-    ("--lr", float, "Learning rate of the new linear head [paper: 4e-3; frozen: 1e-3 ViT, "
+    ("--epochs", options.COUNT, "Training epochs [paper: 300, frozen: 90]."),
+    ("--batch-size", options.COUNT, "Images per optimiser step over all GPUs [paper: 64, frozen: 128]."),
+    ("--lr", options.RATE, "Learning rate of the new linear head [paper: 4e-3; frozen: 1e-3 ViT, "
                     "4e-3 ConvNeXt]."),
-    ("--backbone-lr", float, "Learning rate of the pretrained backbone [paper: 4e-6]."),
-    ("--weight-decay", float, "AdamW weight decay, never on norms, biases, position "
+    ("--backbone-lr", options.NON_NEGATIVE, "Learning rate of the pretrained backbone [paper: 4e-6]."),
+    ("--weight-decay", options.NON_NEGATIVE, "AdamW weight decay, never on norms, biases, position "
                               "embeddings and CLS/register tokens [paper: 5e-2; frozen: 1e-2 "
                               "ViT, 5e-2 ConvNeXt]."),
-    ("--warmup-epochs", int, "Linear warm-up epochs, then cosine decay [paper: 20, frozen: 0]."),
-    ("--min-lr", float, "Learning rate at the end of the cosine decay [0]."),
-    ("--label-smoothing", float, "Label smoothing [0.1]."),
-    ("--mixup", float, "Mixup alpha, 0 = off [paper: 0.8, frozen: 0]."),
-    ("--cutmix", float, "CutMix alpha, 0 = off [paper: 1.0, frozen: 0]."),
+    ("--warmup-epochs", options.NON_NEGATIVE_INT,
+     "Linear warm-up epochs, then cosine decay [paper: 20, frozen: 0]."),
+    ("--min-lr", options.NON_NEGATIVE, "Learning rate at the end of the cosine decay [0]."),
+    ("--label-smoothing", options.BELOW_ONE, "Label smoothing [0.1]."),
+    ("--mixup", options.NON_NEGATIVE, "Mixup alpha, 0 = off [paper: 0.8, frozen: 0]."),
+    ("--cutmix", options.NON_NEGATIVE, "CutMix alpha, 0 = off [paper: 1.0, frozen: 0]."),
     ("--rand-augment", str, "timm RandAugment config, '' = off [rand-m9-mstd0.5]."),
-    ("--random-erasing", float, "Random erasing probability [0.25]."),
-    ("--drop-path", float, "Stochastic depth [paper: 0.1 ViT, 0.1/0.2/0.3 ConvNeXt S/B/L; "
+    ("--random-erasing", options.PROBABILITY, "Random erasing probability [0.25]."),
+    ("--drop-path", options.BELOW_ONE, "Stochastic depth [paper: 0.1 ViT, 0.1/0.2/0.3 ConvNeXt S/B/L; "
                            "frozen: 0]."),
 ]
 
@@ -61,9 +62,9 @@ def _recipe_options(command):
               help="paper = the study's fine-tune recipe (Table 2); frozen = only the head trains, "
                    "with the frozen recipe and on-line augmentation (Table 1).")
 @_recipe_options
-@click.option("--micro-batch", type=int, default=None,
+@click.option("--micro-batch", type=options.COUNT, default=None,
               help="Images per forward pass and GPU; gradients accumulate to reach --batch-size.")
-@click.option("--accum-steps", type=int, default=None,
+@click.option("--accum-steps", type=options.COUNT, default=None,
               help="Gradient accumulation steps (alternative to --micro-batch) [1].")
 @click.option("--select-on-val", is_flag=True,
               help="Train on train minus a 10% validation split and report the epoch best on it "
@@ -82,7 +83,8 @@ def _recipe_options(command):
 @options.weights
 @options.random_init
 @options.image_size
-@click.option("--workers", default=4, help="DataLoader worker processes per GPU.")
+@click.option("--workers", default=4, type=options.NON_NEGATIVE_INT,
+              help="DataLoader worker processes per GPU.")
 @options.device
 @click.option("--seed", default=0, help="Seed of the head's initialisation and of every epoch's "
                                         "randomness.")

@@ -23,14 +23,14 @@ from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
 
 from probe.backbones import create_backbone
-from probe.data.cub import CUB, WATERBIRDS_DIRNAME
+from probe.data.cub import CUB, WATERBIRDS_DIRNAME, waterbirds_fingerprint
 from probe.data.loading import guarded_loader
 from probe.data.masks import MaskSource
-from probe.data.transforms import Preprocess
-from probe.dump import default_dataset_name, runtime
+from probe.data.transforms import Preprocess, TrainTransform
+from probe.dump import check_masks, default_dataset_name, runtime
 from probe.errors import ProbeError
 from probe.finetune import checkpoint
-from probe.finetune.data import EvalItems, TrainItems, TrainTransform, keep_on_grid
+from probe.finetune.data import EvalItems, TrainItems, keep_on_grid
 from probe.finetune.evaluate import metrics, predict
 from probe.finetune.model import MaskedClassifier
 from probe.finetune.recipe import Recipe, make_recipe
@@ -69,6 +69,9 @@ def finetune(backbone: str, data_root, *, mask: str = "none", stage: str = "L",
     if mask != "none" and source.kind == "none":
         raise ProbeError(f"--mask {mask} needs a mask source: --mask-source gt or dir:PATH")
     root = Path(data_root).expanduser()
+    if waterbirds_root is not None and not Path(waterbirds_root).expanduser().is_dir():
+        raise ProbeError(f"Waterbirds folder {waterbirds_root} does not exist")
+    wb_root = Path(waterbirds_root or root / WATERBIRDS_DIRNAME).expanduser()
     dataset = dataset or default_dataset_name(root)
     r = make_recipe(recipe, backbone, **recipe_values)
     rt = runtime(device)
@@ -100,9 +103,13 @@ def finetune(backbone: str, data_root, *, mask: str = "none", stage: str = "L",
         "weights": bb.weights_id, "image_size": bb.image_size,
         "model_kwargs": dict(model_kwargs or {}),
         "dataset_fingerprint": train_cub.index.fingerprint(),
+        # what the run is evaluated on and with which masks: a record is reused only for these
+        "waterbirds_fingerprint": waterbirds_fingerprint(wb_root),
+        "mask_source_spec": source.spec if source.kind != "none" else None,
     }
     if not force and (previous := find_record(config, results)) is not None:
         previous["reused"] = True
+        previous["path"] = str(Path(results) / "runs" / f"{previous['id']}.json")
         return previous
     rid = record_id(config)
     tag = "-".join(filter(None, [STRATEGIES[mask], late, safe_name(head), rid]))
@@ -151,10 +158,8 @@ def finetune(backbone: str, data_root, *, mask: str = "none", stage: str = "L",
 
 
 def _require_masks(cub: CUB) -> None:
-    missing = cub.missing_masks() if cub.masks.kind != "none" else []
-    if missing:
-        raise ProbeError(f"{len(missing)} of {len(cub)} images of split {cub.split!r} have no "
-                         f"mask in source {cub.masks.spec!r}, e.g. {[str(p) for p in missing[:3]]}")
+    if cub.masks.kind != "none":
+        check_masks(cub, cub.masks)
 
 
 def _eval_sets(root: Path, source: MaskSource, late: str | None, waterbirds_root,

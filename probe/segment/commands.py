@@ -4,6 +4,7 @@ from pathlib import Path
 
 import click
 
+from probe import options
 from probe.segment import MODELS
 
 
@@ -28,8 +29,9 @@ def _split_options(f):
 def _run_options(f):
     f = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                      help="auto = cuda when available (bf16 autocast), else cpu.")(f)
-    f = click.option("--workers", default=2, help="DataLoader worker processes decoding images.")(f)
-    return click.option("--batch-size", type=int, default=16, help="Images per forward pass.")(f)
+    f = click.option("--workers", default=2, type=options.NON_NEGATIVE_INT,
+                     help="DataLoader worker processes decoding images.")(f)
+    return click.option("--batch-size", type=options.COUNT, default=16, help="Images per forward pass.")(f)
 
 
 def _backbone_options(f):
@@ -58,20 +60,21 @@ def segment():
               help="Frozen backbone of --model light: a probe short name (vit_s, convnext_s, ...) "
                    "or any timm model name.")
 @_backbone_options
-@click.option("--epochs", type=int, default=None,
+@click.option("--epochs", type=options.COUNT, default=None,
               help="Training epochs [default: light 10, mask2former 50].")
-@click.option("--batch-size", type=int, default=None,
+@click.option("--batch-size", type=options.COUNT, default=None,
               help="Images per step [default: light 32, mask2former 16].")
-@click.option("--lr", type=float, default=None, help="AdamW learning rate, cosine decay "
+@click.option("--lr", type=options.RATE, default=None, help="AdamW learning rate, cosine decay "
                                                      "[default: light 1e-3, mask2former 1e-4].")
-@click.option("--weight-decay", type=float, default=None,
+@click.option("--weight-decay", type=options.NON_NEGATIVE, default=None,
               help="AdamW weight decay [default: light 1e-4, mask2former 0.05].")
-@click.option("--hidden", default=128, help="Width of the light model's decoder.")
+@click.option("--hidden", default=128, type=options.COUNT, help="Width of the light model's decoder.")
 @click.option("--seed", default=0, help="Seed of the initialisation, data order and flips.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Segmenter folder [default: segmenters/<model>[-<backbone>]].")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last epoch.")
-@click.option("--workers", default=2, help="DataLoader worker processes decoding images.")
+@click.option("--workers", default=2, type=options.NON_NEGATIVE_INT,
+              help="DataLoader worker processes decoding images.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               help="auto = cuda when available (bf16 autocast), else cpu.")
 def train_command(data_root, model, backbone, weights, random_init, image_size, epochs, batch_size,
@@ -111,7 +114,8 @@ def predict_command(data_root, model, out, splits, waterbirds, batch_size, worke
 @click.option("--masks", multiple=True, required=True,
               help="Mask source to score: dir:PATH (or gt); repeat to compare several.")
 @_split_options
-@click.option("--workers", default=2, help="DataLoader worker processes decoding masks.")
+@click.option("--workers", default=2, type=options.NON_NEGATIVE_INT,
+              help="DataLoader worker processes decoding masks.")
 def eval_command(data_root, masks, splits, waterbirds, workers):
     """Mean IoU (of background and bird IoUs) and bird IoU against the CUB annotations, per split,
     over pixel totals and per image (%). Waterbirds masks are scored on the CUB annotation."""
