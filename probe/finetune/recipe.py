@@ -13,7 +13,8 @@ from probe.experiments import default_kind_of
 from probe.heads import FROZEN_RECIPES
 
 # Stochastic depth by model size (Table 2); every ViT and any other model: 0.1.
-DROP_PATH = {"convnext_s": 0.1, "convnext_b": 0.2, "convnext_l": 0.3}
+DROP_PATH = {"convnext_s": 0.1, "convnext_b": 0.2, "convnext_l": 0.3,  # study, Table 2
+             "convnext_small": 0.1, "convnext_base": 0.2, "convnext_large": 0.3}  # timm names
 RECIPES = ("paper", "frozen")
 
 
@@ -50,7 +51,7 @@ def make_recipe(name: str, backbone: str, **overrides) -> Recipe:
         recipe = Recipe(name, epochs=300, batch_size=64, lr=4e-3, backbone_lr=4e-6,
                         weight_decay=5e-2, warmup_epochs=20, min_lr=0.0, label_smoothing=0.1,
                         mixup=0.8, cutmix=1.0, rand_augment="rand-m9-mstd0.5",
-                        random_erasing=0.25, drop_path=DROP_PATH.get(backbone, 0.1),
+                        random_erasing=0.25, drop_path=DROP_PATH.get(backbone.split(".")[0], 0.1),
                         freeze_backbone=False)
     elif name == "frozen":  # the head alone on a frozen backbone; no mixing, no stochastic depth
         frozen = FROZEN_RECIPES[family]

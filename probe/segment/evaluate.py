@@ -15,8 +15,9 @@ from tqdm import tqdm
 
 from probe.data.cub import CUB
 from probe.data.loading import batches
-from probe.data.masks import MaskSource
+from probe.data.masks import WATERBIRDS_SUBDIR, MaskSource
 from probe.dump import check_masks, dataset_splits
+from probe.errors import ProbeError
 
 GT = MaskSource("gt")
 
@@ -65,11 +66,17 @@ def evaluate(data_root: str | Path, masks: str, *, splits=None, waterbirds_root=
     """{split: IoU summary} of mask source `masks` (dir:PATH, or gt as a sanity check)."""
     root = Path(data_root).expanduser()
     source = MaskSource.parse(masks)
-    results = {}
-    for split in dataset_splits(root, splits, waterbirds_root):
-        cub = CUB(root, split, masks=source, waterbirds_root=waterbirds_root)
+    if source.kind == "dir" and not source.folder.is_dir():
+        raise ProbeError(f"mask folder {source.folder} does not exist")
+    chosen = dataset_splits(root, splits, waterbirds_root)
+    if source.kind == "dir" and not (source.folder / WATERBIRDS_SUBDIR).is_dir() and not splits:
+        chosen = [s for s in chosen if s != "waterbirds"]  # it would re-score the CUB test masks
+    sets = [CUB(root, split, masks=source, waterbirds_root=waterbirds_root) for split in chosen]
+    for cub in sets:  # every missing file listed before any work
         check_masks(cub, GT)
-        check_masks(cub, source)  # every missing file listed before any work
+        check_masks(cub, source)
+    results = {}
+    for split, cub in zip(chosen, sets):
         counts = []
         with tqdm(total=len(cub), desc=f"IoU {split}", unit="img", disable=not progress) as bar:
             for items in batches(_Confusions(cub, source), batch_size=32, workers=workers):
