@@ -212,3 +212,15 @@ def test_two_process_run_scores_every_image_once(synth_root, tmp_path):
     predictions = pd.read_csv(next((tmp_path / "two").glob("**/predictions.csv")))
     for _, group in predictions.groupby("eval"):
         np.testing.assert_array_equal(np.sort(group.image_id), ids)  # each image exactly once
+
+
+def test_resume_with_other_options_names_what_changed(synth_root, tmp_path):
+    from probe.errors import ProbeError
+    from probe.finetune import finetune
+
+    common = dict(random_init=True, image_size=64, workers=0, device="cpu", progress=False,
+                  out=tmp_path / "runs", results=tmp_path / "results", batch_size=16,
+                  warmup_epochs=0)
+    finetune("test_vit", synth_root, epochs=1, **common)
+    with pytest.raises(ProbeError, match=r"differs in: .*hyper\.epochs"):
+        finetune("test_vit", synth_root, epochs=2, resume=True, **common)

@@ -115,6 +115,8 @@ def finetune(backbone: str, data_root, *, mask: str = "none", stage: str = "L",
     tag = "-".join(filter(None, [STRATEGIES[mask], late, safe_name(head), rid]))
     run_dir = Path(out) / safe_name(dataset) / safe_name(backbone) / tag
 
+    if resume and not run_dir.is_dir():
+        _no_run_to_resume(run_dir, config)
     _require_masks(train_cub)
     eval_sets = _eval_sets(root, source, late, waterbirds_root, bb)
     if select_on_val:
@@ -155,6 +157,22 @@ def finetune(backbone: str, data_root, *, mask: str = "none", stage: str = "L",
         record["path"] = str(write_record(record, results))
     rt.barrier()
     return record
+
+
+def _no_run_to_resume(run_dir: Path, config: dict) -> None:
+    """--resume must continue a run, never silently start another: name what changed."""
+    runs = sorted(run_dir.parent.glob("*/config.json"), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise ProbeError(f"--resume: no interrupted run under {run_dir.parent}; drop --resume to start")
+    def flat(c: dict) -> dict:  # recipe values are nested under "hyper"
+        return {f"{k}.{i}" if isinstance(v, dict) else k: (w if isinstance(v, dict) else v)
+                for k, v in c.items() for i, w in (v.items() if isinstance(v, dict) else [(0, v)])}
+
+    latest, wanted = flat(json.loads(runs[-1].read_text())), flat(config)
+    changed = sorted(k for k in set(wanted) | set(latest) if latest.get(k) != wanted.get(k))
+    raise ProbeError(f"--resume: no run with these options; the latest run here "
+                     f"({runs[-1].parent.name}) differs in: {', '.join(changed)}. Use the "
+                     "interrupted run's options, or drop --resume to start a new run")
 
 
 def _require_masks(cub: CUB) -> None:
