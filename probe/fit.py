@@ -145,8 +145,9 @@ def fit(backbone: str, *, features: str | Path = "features", dataset: str | None
     spec = pool_spec(head=head, mask=mask, stage=stage, mask_source=mask_source, fg_rule=fg_rule,
                      fg_threshold=fg_threshold, pooling=pooling)
     uses_mask = spec.mask is not None or stage == "L-1"
-    eval_stores = {"original": _open_store(features, dataset, backbone, "original", data_root, False),
-                   "masked": _open_store(features, dataset, backbone, masked_name, data_root, False)}
+    names = {"original": "original", "masked": masked_name}
+    order = ("masked", "original") if mask == "early" else ("original", "masked")  # own input first
+    eval_stores = {k: _open_store(features, dataset, backbone, names[k], data_root, False) for k in order}
     config = {
         "dataset": dataset, "backbone": backbone, "regime": "frozen",
         "strategy": STRATEGIES[mask], "stage": stage if mask == "late" else None,
