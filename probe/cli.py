@@ -188,13 +188,11 @@ def _print_metrics(record: dict) -> None:
 @click.option("--views", default=0, type=options.NON_NEGATIVE_INT,
               help="Also train on this many stored augmented views per image.")
 @click.option("--seed", default=0, help="Seed of the head's initialisation and batch order.")
-@click.option("--features", type=click.Path(path_type=Path), default=Path("features"),
-              help="Root folder of feature stores.")
+@options.features
 @click.option("--dataset", default=None, help="Dataset name in the store path [default: inferred].")
 @click.option("--data", "data_root", type=click.Path(path_type=Path), default=None,
               help="Dataset root (only to name the dataset and print dump commands).")
-@click.option("--results", type=click.Path(path_type=Path), default=Path("results"),
-              help="Folder of run records.")
+@options.results
 @options.device
 @click.option("--force", is_flag=True, help="Refit even if an identical record exists.")
 def fit_command(backbone, head, mask, stage, mask_source, fg_rule, fg_threshold, pooling,
@@ -231,10 +229,8 @@ def _tables(value: str) -> tuple[int, ...]:
               help="CUB-200-2011 root folder.")
 @click.option("--frozen-only", is_flag=True, help="Skip the fine-tuned cells (no `probe finetune`).")
 @click.option("--masks", default="gt", help="Mask source for early and late masking.")
-@click.option("--features", type=click.Path(path_type=Path), default=Path("features"),
-              help="Root folder of feature stores.")
-@click.option("--results", type=click.Path(path_type=Path), default=Path("results"),
-              help="Folder of run records.")
+@options.features
+@options.results
 @options.weights
 @options.random_init
 @options.image_size
@@ -266,8 +262,7 @@ def run_command(tables, backbones, data_root, frozen_only, masks, features, resu
 
 @main.command("report")
 @click.option("--tables", default="3,4,5,6", help="Comma-separated tables of the study.")
-@click.option("--results", type=click.Path(path_type=Path), default=Path("results"),
-              help="Folder of run records (only read).")
+@options.results
 @click.option("--out", type=click.Path(path_type=Path), default=Path("reports"),
               help="Folder for the CSV, Markdown and PNG files.")
 @click.option("--mask-source", default=None, help="Only records of this mask source [default: all].")

@@ -28,3 +28,8 @@ RATE = click.FloatRange(min=0, min_open=True)
 NON_NEGATIVE = click.FloatRange(min=0)
 PROBABILITY = click.FloatRange(0, 1)
 BELOW_ONE = click.FloatRange(0, 1, max_open=True)
+
+results = click.option("--results", type=click.Path(path_type=Path), default=Path("results"),
+                       help="Folder of run records (JSON files under RESULTS/runs/).")
+features = click.option("--features", type=click.Path(path_type=Path), default=Path("features"),
+                        help="Root folder of feature stores.")

@@ -76,8 +76,7 @@ def _recipe_options(command):
 @click.option("--force", is_flag=True, help="Train even if a record of this configuration exists.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs"),
               help="Root of run folders (checkpoints, log.csv, predictions.csv, weights).")
-@click.option("--results", type=click.Path(path_type=Path), default=Path("results"),
-              help="Folder of run records.")
+@options.results
 @options.dataset
 @options.waterbirds
 @options.weights
