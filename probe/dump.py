@@ -132,7 +132,10 @@ class Runtime:
 
     def barrier(self):
         if self.world > 1:
-            dist.barrier()
+            try:
+                dist.barrier()
+            except RuntimeError:  # gloo/nccl report a peer that exited as a transport error
+                raise ProbeError("another torchrun rank stopped; its error is printed above") from None
 
 
 def runtime(device: str) -> Runtime:
@@ -321,11 +324,7 @@ def dump(backbone: str, data_root: str | Path, *, input: str = "original", masks
         attrs["waterbirds_fingerprint"] = waterbirds_fingerprint(
             Path(waterbirds_root or root / WATERBIRDS_DIRNAME))
     path = store_path(out, dataset, backbone, name)
-    if (path / "zarr.json").is_file() and not overwrite:  # every rank fails alike, before a barrier
-        existing = FeatureStore.open(path)
-        existing.check_identity(attrs)
-        if source.kind != "none":
-            existing.check_mask_source(source.name, source.spec)
+    # rank 0 alone checks and creates: another rank could see the group half-written
     store = FeatureStore.create(path, attrs, overwrite) if rt.rank == 0 else None
     if store is not None and source.kind != "none":
         store.register_mask_source(source.name, source.spec)
