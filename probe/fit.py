@@ -7,7 +7,6 @@ applied at test time when it was applied in training). Pooled arrays are cached 
 store, so a second fit with the same pooling does not read the spatial tensors again.
 """
 
-import os
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from probe.backbones import MASKED
 from probe.data.masks import mask_name
 from probe.data.splits import stratified_holdout
 from probe.errors import ProbeError
+from probe.files import atomic
 from probe.heads import FROZEN_RECIPES, make_head
 from probe.metrics import eval_metrics
 from probe.pooling import PoolSpec, pool
@@ -53,11 +53,8 @@ def pooled(store: FeatureStore, split: Split, spec: PoolSpec, rows: np.ndarray |
                               keep=None if fg is None else spec.keep(fg[lo:hi]),
                               head_norm=head_norm))
         values = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:  # atomic: parallel fits may cache the same spec
+        with atomic(cache) as tmp, open(tmp, "wb") as f:  # parallel fits may cache one spec
             np.save(f, values)
-        os.replace(tmp, cache)
     return values if rows is None else values[rows]
 
 

@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import platform
-import tempfile
 import warnings
 from datetime import datetime, timezone
 from importlib import metadata
@@ -24,6 +23,7 @@ import pandas as pd
 
 from probe import __version__
 from probe.errors import ProbeError
+from probe.files import atomic
 
 SCHEMA = 1
 
@@ -100,18 +100,11 @@ def write_record(record: dict, results_dir: str | os.PathLike = "results") -> Pa
     folder = _runs_dir(results_dir)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{record['id']}.json"
-    # The temp file lives in the same folder so os.replace is a same-filesystem rename
-    # (atomic); its name does not end in .json so readers never pick it up.
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{record['id']}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # the temporary name does not end in .json, so readers never pick it up
+    with atomic(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     return path
 
 

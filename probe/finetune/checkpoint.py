@@ -9,7 +9,6 @@ complete; older checkpoints are deleted only after the new one is in place.
 from __future__ import annotations
 
 import csv
-import os
 import shutil
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import safetensors.torch
 import torch
 
 from probe.errors import ProbeError
+from probe.files import atomic
 
 PREFIX = "checkpoint-"
 
@@ -26,9 +26,8 @@ def state_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    safetensors.torch.save_file(state_tensors(model), str(tmp))
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        safetensors.torch.save_file(state_tensors(model), str(tmp))
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
@@ -38,13 +37,11 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
 def save(run_dir: Path, epoch: int, model: torch.nn.Module, state: dict) -> Path:
     """Write checkpoint ``epoch`` (``state``: optimizer, scheduler, counters); drop older ones."""
     final = run_dir / f"{PREFIX}{epoch:04d}"
-    tmp = run_dir / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    safetensors.torch.save_file(state_tensors(model), str(tmp / "model.safetensors"))
-    torch.save(state, tmp / "state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    shutil.rmtree(final, ignore_errors=True)  # a folder cannot be replaced by rename
+    with atomic(final) as tmp:
+        tmp.mkdir(parents=True)
+        safetensors.torch.save_file(state_tensors(model), str(tmp / "model.safetensors"))
+        torch.save(state, tmp / "state.pt")
     for old in run_dir.glob(f"{PREFIX}*"):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)

@@ -29,6 +29,7 @@ from probe.data.masks import MaskSource
 from probe.data.transforms import Preprocess, TrainTransform
 from probe.dump import check_masks, default_dataset_name, runtime
 from probe.errors import ProbeError
+from probe.files import atomic
 from probe.finetune import checkpoint
 from probe.finetune.data import EvalItems, TrainItems, keep_on_grid
 from probe.finetune.evaluate import metrics, predict
@@ -199,10 +200,9 @@ def _eval_sets(root: Path, source: MaskSource, late: str | None, waterbirds_root
 
 
 def _write_predictions(path: Path, rows: list[tuple]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("eval,image_id,label,pred\n" + "".join(",".join(map(str, row)) + "\n"
-                                                         for row in rows))
-    tmp.replace(path)
+    with atomic(path) as tmp:
+        tmp.write_text("eval,image_id,label,pred\n" + "".join(",".join(map(str, row)) + "\n"
+                                                             for row in rows))
 
 
 def _epoch_seed(seed: int, epoch: int, rank: int) -> torch.Generator:

@@ -1,26 +1,12 @@
-"""Atomic file writes and the provenance file of a mask folder."""
+"""JSON files written atomically and the provenance file of a mask folder."""
 
-import contextlib
 import json
-import os
 from pathlib import Path
 
 from probe.errors import ConfigMismatchError
+from probe.files import atomic
 
 SOURCE_FILE = "source.json"  # in a mask folder: what produced its masks
-
-
-@contextlib.contextmanager
-def atomic(path: Path):
-    """Yield a temporary path next to `path`; it becomes `path` only if the block succeeds, so a
-    file that exists is always complete (this is what makes predict and train resumable)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_json(path: Path, data: dict) -> None:
