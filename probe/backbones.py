@@ -104,15 +104,15 @@ class Backbone(torch.nn.Module):
         """
         taps = set(taps)
         self._validate(x, taps, lm1_keep)
-        state = self._trunk(x, need_lm1="L-1" in taps)
+        state = self.trunk(x, need_lm1="L-1" in taps)
         out = {}
         if "L-1" in taps:
-            out["L-1"] = self._to_map(self._lm1(state))[0]
+            out["L-1"] = self.to_map(self._lm1(state))[0]
         runs = [state] if taps & {"L", "prefix"} else []
         if lm1_keep is not None:
-            runs.append(self._mask(state, lm1_keep))
+            runs.append(self.mask_state(state, lm1_keep))
         if runs:
-            maps, prefix = self._to_map(self._last(runs[0] if len(runs) == 1 else torch.cat(runs)))
+            maps, prefix = self.to_map(self.last_stage(runs[0] if len(runs) == 1 else torch.cat(runs)))
             b = x.shape[0]
             if "L" in taps:
                 out["L"] = maps[:b]
@@ -138,12 +138,13 @@ class Backbone(torch.nn.Module):
             raise ProbeError(f"lm1_keep has shape {tuple(lm1_keep.shape)}, expected "
                              f"{(x.shape[0], *self.grid('L-1'))} (batch, L-1 grid)")
 
-    # Per architecture: _trunk (input -> L-1 state), _lm1 (state -> L-1 features), _mask (zero
-    # the background of the state), _last (state -> last-stage features), _to_map (-> NHWC).
+    # Per architecture, public so fine-tuning runs the same computation with gradients:
+    # trunk (input -> L-1 state), _lm1 (state -> L-1 features), mask_state (zero the background
+    # of the state), last_stage (state -> last-stage features), to_map (-> NHWC + prefix).
     def _lm1(self, state):
         return state
 
-    def _to_map(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def to_map(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         return y.permute(0, 2, 3, 1), None  # NCHW feature map, no prefix tokens
 
 
@@ -154,7 +155,7 @@ class TokenBackbone(Backbone):
         h = self.image_size // self.patch_size
         return {"L": (h, h, self.width), "L-1": (h, h, self.width)}
 
-    def _to_map(self, y):
+    def to_map(self, y):
         (h, w, _), p = self._shapes["L"], self.num_prefix_tokens
         if y.shape[1] != p + h * w:
             raise ProbeError(f"backbone {self.name} returned {y.shape[1]} tokens, expected "
@@ -172,29 +173,29 @@ class ViTBackbone(TokenBackbone):
     def taps(self):
         return ("L", "L-1", MASKED) + (("prefix",) if self.num_prefix_tokens else ())
 
-    def _trunk(self, x, need_lm1=False):
+    def trunk(self, x, need_lm1=False):
         # VisionTransformer.forward_features, stopped before the last block.
         m = self.model
         return m.blocks[:-1](m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x)))))
 
-    def _mask(self, tokens, keep):
+    def mask_state(self, tokens, keep):
         p = self.num_prefix_tokens  # prefix (CLS / register) tokens are never masked
         return torch.cat([tokens[:, :p], tokens[:, p:] * keep.flatten(1)[..., None].to(tokens)], 1)
 
-    def _last(self, tokens):
+    def last_stage(self, tokens):
         return self.model.norm(self.model.blocks[-1](tokens))
 
 
 class ConvNeXtBackbone(Backbone):
     kind, taps, channels_last = "convnext", ("L", "L-1", MASKED), True
 
-    def _trunk(self, x, need_lm1=False):
+    def trunk(self, x, need_lm1=False):
         return self.model.stages[:-1](self.model.stem(x))
 
-    def _mask(self, fmap, keep):
+    def mask_state(self, fmap, keep):
         return fmap * keep[:, None].to(fmap)
 
-    def _last(self, fmap):
+    def last_stage(self, fmap):
         # ConvNeXt.forward_features from the last stage (which starts with its own downsample).
         return self.model.norm_pre(self.model.stages[-1](fmap))
 
@@ -211,14 +212,14 @@ class CNNBackbone(Backbone):
 
     kind, channels_last = "cnn", True
 
-    def _trunk(self, x, need_lm1=False):
+    def trunk(self, x, need_lm1=False):
         y = self.model.forward_features(x)
         if y.ndim != 4:
             raise ProbeError(f"timm model {self.model_id} gives {y.ndim}-d features, not a "
                              "spatial map; use a ViT or a convolutional model")
         return y.permute(0, 3, 1, 2) if getattr(self.model, "output_fmt", "") == "NHWC" else y
 
-    def _last(self, y):
+    def last_stage(self, y):
         return y
 
 
@@ -233,13 +234,13 @@ class HFBackbone(TokenBackbone):
     patch_size = property(lambda self: int(self.model.config.patch_size))
     width = property(lambda self: int(self.model.config.hidden_size))
 
-    def _trunk(self, x, need_lm1=False):
+    def trunk(self, x, need_lm1=False):
         return self.model(pixel_values=x, output_hidden_states=need_lm1)
 
     def _lm1(self, out):
         return out.hidden_states[-2]
 
-    def _last(self, out):
+    def last_stage(self, out):
         return out.last_hidden_state
 
 

@@ -79,7 +79,7 @@ class _Items(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.cub) * max(self.views, 1)
 
-    def _mask(self, source: MaskSource, i: int, size) -> np.ndarray:
+    def _load_mask(self, source: MaskSource, i: int, size) -> np.ndarray:
         return source.load(self.cub.root, self.cub.paths[i], size, self.waterbirds)
 
     def __getitem__(self, row: int) -> dict:
@@ -89,12 +89,12 @@ class _Items(torch.utils.data.Dataset):
         if self.need_image:
             image = load_rgb(path)
             if self.early is not None:
-                image = early_mask(image, self._mask(self.early, i, image.size))
+                image = early_mask(image, self._load_mask(self.early, i, image.size))
             size = image.size
         else:
             with Image.open(path) as im:  # reads the header only
                 size = im.size
-        mask = self._mask(self.fg, i, size) if self.fg is not None else None
+        mask = self._load_mask(self.fg, i, size) if self.fg is not None else None
         if view is not None:
             pil_mask = None if mask is None else Image.fromarray(mask.astype(np.uint8) * 255)
             with seeded(view_seed(int(self.cub.ids[i]), view)):

@@ -57,10 +57,10 @@ class MaskedClassifier(torch.nn.Module):
     def features(self, x: torch.Tensor, keep: torch.Tensor | None = None):
         """The last map [B, h, w, D] (masked at L-1 if so configured) and prefix tokens."""
         bb = self.backbone
-        state = bb._trunk(x)
+        state = bb.trunk(x)
         if self.late == "L-1":
-            state = bb._mask(state, keep)
-        return bb._to_map(bb._last(state))
+            state = bb.mask_state(state, keep)
+        return bb.to_map(bb.last_stage(state))
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of a normalised batch; ``keep`` [B, *mask_grid] is 1 on foreground cells."""
