@@ -33,16 +33,21 @@ class Images(torch.utils.data.Dataset):
         return self.preprocess.image(load_rgb(self.cub.image_path(i)))
 
 
-def bare_loop(root, model, batch_size, workers) -> int:
+def bare_loop(root, model, batch_size, workers, device) -> int:
     """What any feature extraction must do at least: decode, transform, forward."""
     n = 0
     for split in ("train", "test", "waterbirds"):
         images = Images(CUB(root, split), Preprocess(model.image_size, model.mean, model.std))
-        loader = torch.utils.data.DataLoader(images, batch_size=batch_size, num_workers=workers)
-        with torch.inference_mode():
+        loader = torch.utils.data.DataLoader(images, batch_size=batch_size, num_workers=workers,
+                                             pin_memory=device.type == "cuda")
+        autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
+        with torch.inference_mode(), autocast:
             for x in loader:
+                x = x.to(device, non_blocking=True)
                 model.forward_taps(x, taps=("L", *(["prefix"] if model.num_prefix_tokens else [])))
                 n += len(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
     return n
 
 
@@ -54,20 +59,22 @@ def main():
     parser.add_argument("--per-class", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast, like the dumper)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="probe-bench-"))
     try:
         root = make_synthetic(work / "birds", classes=args.classes, per_class=args.per_class,
                               size=128, progress=False)
-        model = create_backbone(args.backbone, random_init=True, image_size=args.image_size)
+        device = torch.device(args.device)
+        model = create_backbone(args.backbone, random_init=True, image_size=args.image_size).to(device)
         times = {}
-        bare_loop(root, model, args.batch_size, args.workers)  # warm-up: caches, allocator
+        bare_loop(root, model, args.batch_size, args.workers, device)  # warm-up: caches, allocator
         with timed(times, "bare"):
-            n = bare_loop(root, model, args.batch_size, args.workers)
+            n = bare_loop(root, model, args.batch_size, args.workers, device)
         with timed(times, "dump"):
             dump(args.backbone, root, out=work / "features", random_init=True,
                  image_size=args.image_size, batch_size=args.batch_size, workers=args.workers,
-                 device="cpu", progress=False)
+                 device=args.device, progress=False)
         bare, dumper = n / times["bare"], n / times["dump"]
         print(f"machine: {machine()}")
         print(f"model: {args.backbone} (random init), {args.image_size} px, grid "

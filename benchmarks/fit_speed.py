@@ -37,9 +37,9 @@ def heads(args, rng, out: dict):
     X, y, Xt, yt = pooled_features(args.rows, args.dim, args.classes, rng)
     val = rng.random(len(y)) < 0.1
     with timed(out, "paper"):
-        paper = LinearHead(lr=1e-3, weight_decay=1e-2).fit(X, y)
+        paper = LinearHead(lr=1e-3, weight_decay=1e-2, device=args.device).fit(X, y)
     with timed(out, "sweep"):
-        sweep = LinearSweep().fit(X[~val], y[~val], X[val], y[val])
+        sweep = LinearSweep(device=args.device).fit(X[~val], y[~val], X[val], y[val])
     with timed(out, "sklearn"):
         sk = LogisticRegression(max_iter=1000).fit(X, y)
     print(f"features: {args.rows} train rows x {args.dim} dims, {args.classes} classes "
@@ -111,6 +111,7 @@ def main():
     parser.add_argument("--store-rows", type=int, default=600)
     parser.add_argument("--backbone", default="vit_s")
     parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--device", default="cpu", help="where the linear heads train (cpu, cuda)")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     print(f"machine: {machine()}")
