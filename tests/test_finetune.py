@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -224,3 +225,17 @@ def test_resume_with_other_options_names_what_changed(synth_root, tmp_path):
     finetune("test_vit", synth_root, epochs=1, **common)
     with pytest.raises(ProbeError, match=r"differs in: .*hyper\.epochs"):
         finetune("test_vit", synth_root, epochs=2, resume=True, **common)
+
+
+def test_force_trains_anew_and_keeps_the_old_run(synth_root, tmp_path):
+    from probe.finetune import finetune
+
+    common = dict(random_init=True, image_size=64, workers=0, device="cpu", progress=False,
+                  out=tmp_path / "runs", results=tmp_path / "results", batch_size=16,
+                  warmup_epochs=0, epochs=1)
+    first = finetune("test_vit", synth_root, **common)
+    assert finetune("test_vit", synth_root, **common)["reused"]
+    again = finetune("test_vit", synth_root, force=True, **common)
+    assert not again.get("reused") and again["run_dir"] == first["run_dir"]
+    kept = list(Path(first["run_dir"]).parent.glob("*.replaced-*"))
+    assert len(kept) == 1 and (kept[0] / "model.safetensors").is_file()

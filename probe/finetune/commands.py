@@ -73,7 +73,9 @@ def _recipe_options(command):
               help="Also evaluate (and log) every N epochs; 0 = at the end only.")
 @click.option("--ckpt-every", default=5, help="Checkpoint every N epochs (and at the end).")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run of this configuration.")
-@click.option("--force", is_flag=True, help="Train even if a record of this configuration exists.")
+@click.option("--force", is_flag=True,
+              help="Train anew even if a record or a run folder of this configuration exists "
+                   "(the old folder is kept, renamed *.replaced-<time>).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs"),
               help="Root of run folders (checkpoints, log.csv, predictions.csv, weights).")
 @options.results

@@ -118,6 +118,9 @@ def finetune(backbone: str, data_root, *, mask: str = "none", stage: str = "L",
 
     if resume and not run_dir.is_dir():
         _no_run_to_resume(run_dir, config)
+    if force and not resume and run_dir.is_dir() and rt.rank == 0:  # start over, keep the old run
+        run_dir.rename(run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"))
+    rt.barrier()
     _require_masks(train_cub)
     eval_sets = _eval_sets(root, source, late, waterbirds_root, bb)
     if select_on_val:
