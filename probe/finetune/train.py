@@ -11,7 +11,7 @@ import json
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +82,8 @@ def finetune(backbone: str, data_root, *, mask: str = "none", stage: str = "L",
     kwargs = dict(model_kwargs or {})
     if not backbone.startswith("hf:"):  # timm models take stochastic depth at creation
         kwargs.setdefault("drop_path_rate", r.drop_path)
+    else:  # transformers models are built from their own config: record what really runs
+        r = replace(r, drop_path=0.0)
     bb = create_backbone(backbone, weights=weights, random_init=random_init,
                          image_size=image_size, **kwargs)
     head = ("cls+patch" if bb.num_prefix_tokens else "patch") if head == "auto" else head
