@@ -271,12 +271,24 @@ def dataset_splits(root: Path, splits, waterbirds_root) -> list[str]:
 
 
 def check_masks(cub: CUB, source: MaskSource) -> None:
-    missing = source.missing(cub.root, cub.paths, cub.split == "waterbirds")
+    """Every image of the split has a mask of its size (headers only: fails before any work)."""
+    waterbirds = cub.split == "waterbirds"
+    missing = source.missing(cub.root, cub.paths, waterbirds)
     if missing:
         listed = "\n  ".join(str(p) for p in missing[:10])
         raise ProbeError(f"{len(missing)} of {len(cub)} images of split {cub.split!r} have no mask "
                          f"in source {source.spec!r}:\n  {listed}"
                          + ("\n  ..." if len(missing) > 10 else ""))
+    wrong = []
+    for i, rel in enumerate(cub.paths):
+        mask_path = source.path(cub.root, rel, waterbirds)
+        with Image.open(cub.image_path(i)) as image, Image.open(mask_path) as mask:
+            if image.size != mask.size:
+                wrong.append(f"{mask_path} is {mask.size[0]}x{mask.size[1]}, its image "
+                             f"{image.size[0]}x{image.size[1]}")
+    if wrong:
+        raise ProbeError(f"{len(wrong)} masks of split {cub.split!r} differ in size from their "
+                         "image; masks must have the image's size:\n  " + "\n  ".join(wrong[:10]))
 
 
 def dump(backbone: str, data_root: str | Path, *, input: str = "original", masks: str = "gt",

@@ -131,3 +131,21 @@ def test_check_reports_clean_set_and_lists_damage(synth_root, tmp_path):
     assert f"missing image {ds.image_path(0)}" in result.output
     assert f"cannot decode image {ds.image_path(1)}" in result.output
     assert "must have the image's size" in result.output
+
+
+class _Broken:
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        if i == 2:
+            raise DataError("image 3 is broken; re-download it")
+        return i
+
+
+def test_errors_in_dataloader_workers_reach_the_caller_unchanged():
+    from probe.data.loading import guarded_loader
+
+    with pytest.raises(DataError) as caught:
+        list(guarded_loader(_Broken(), batch_size=1, num_workers=2))
+    assert str(caught.value) == "image 3 is broken; re-download it"  # no worker traceback

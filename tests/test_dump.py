@@ -239,3 +239,12 @@ def test_a_split_left_half_created_is_rebuilt(synth_root, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=str(key))
+
+
+def test_masks_of_the_wrong_size_are_refused_before_any_work(synth_root, tmp_path):
+    pred = tmp_path / "pred"
+    shutil.copytree(synth_root / "segmentations", pred)
+    victim = sorted(pred.rglob("*.png"))[3]
+    Image.fromarray(np.zeros((5, 7), np.uint8)).save(victim)
+    with pytest.raises(ProbeError, match=f"1 masks of split .* differ in size.*\n.*{victim.name} is 7x5"):
+        dump(data_root=synth_root, masks=f"dir:{pred}", out=tmp_path / "f", **VIT)
