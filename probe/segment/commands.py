@@ -18,17 +18,14 @@ def _data_option(f):
 
 
 def _split_options(f):
-    f = click.option("--waterbirds", type=click.Path(path_type=Path), default=None,
-                     help="Waterbirds folder "
-                          "[default: DATA/waterbird_complete95_forest2water2].")(f)
+    f = options.waterbirds(f)
     return click.option("--splits", default=None,
                         help="Comma-separated splits [default: train,test and waterbirds if its "
                              "folder exists].")(f)
 
 
 def _run_options(f):
-    f = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
-                     help="auto = cuda when available (bf16 autocast), else cpu.")(f)
+    f = options.device(f)
     f = click.option("--workers", default=2, type=options.NON_NEGATIVE_INT,
                      help="DataLoader worker processes decoding images.")(f)
     return click.option("--batch-size", type=options.COUNT, default=16, help="Images per forward pass.")(f)
@@ -38,8 +35,7 @@ def _backbone_options(f):
     f = click.option("--image-size", type=int, default=None,
                      help="Input side in pixels [default: the model's own, e.g. 518 for DINOv2, "
                           "384 for Mask2Former].")(f)
-    f = click.option("--random-init", is_flag=True,
-                     help="Random weights (tests, demos, no network).")(f)
+    f = options.random_init(f)
     return click.option("--weights", default=None,
                         help="Local weights: the backbone's file (safetensors / torch) for light "
                              "and unsupervised; a save_pretrained folder or hub id for "
