@@ -1,6 +1,7 @@
 """Fine-tuning speed of baseline, early and late masking on the same model.
 
     python benchmarks/finetune_step.py [--backbone vit_s] [--image-size 112] [--batch 16]
+                                       [--device cpu|cuda]
 
 Two figures per strategy, each the best of interleaved repeats (the least disturbed one: on
 a shared machine a neighbour only ever slows a step down):
@@ -30,7 +31,7 @@ from probe.dump import runtime
 from probe.finetune.data import TrainItems, keep_on_grid
 from probe.finetune.model import MaskedClassifier
 from probe.finetune.recipe import make_recipe
-from probe.finetune.train import _Trainer
+from probe.finetune.train import Trainer
 
 VARIANTS = {"baseline": None, "early": None, "late L": "L", "late L-1": "L-1"}
 
@@ -43,34 +44,40 @@ def trainers(args, items: dict) -> dict:
     for name, late in VARIANTS.items():  # one shared backbone: the same model for every variant
         torch.manual_seed(0)
         model = MaskedClassifier(bb, 200, "cls+patch" if bb.num_prefix_tokens else "patch", late)
-        trainer = _Trainer(model, recipe, runtime("cpu"), Path("unused"), 0, 0, False)
+        trainer = Trainer(model, recipe, runtime(args.device), Path("unused"), 0, 0, False)
         trainer.setup(items[name], None, None)
         out[name] = trainer
     return out
 
 
-def step(trainer: _Trainer, batch: dict) -> float:
+def step(trainer: Trainer, batch: dict) -> float:
     trainer.model.train()
     tic = time.perf_counter()
-    trainer.scheduler.step_update(100)  # past warm-up: a real learning rate
-    trainer._micro_step(dict(batch), last=True)
-    trainer.optimizer.step()
-    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.train_step([dict(batch)], update=100)  # past warm-up: a real learning rate
+    sync(trainer)
     return len(batch["image"]) / (time.perf_counter() - tic)
 
 
-def mask_ops(trainer: _Trainer, batch: dict, runs: int = 50) -> float:
+def sync(trainer: Trainer) -> None:
+    """Wait for the GPU: its kernels run after the Python call returns."""
+    if trainer.cuda:
+        torch.cuda.synchronize()
+
+
+def mask_ops(trainer: Trainer, batch: dict, runs: int = 50) -> float:
     """Seconds per step of what late masking adds to a step, timed alone (noise-free bound):
     the mask as a 4th Mixup channel, its resize to the grid, and the product with the map."""
     model = trainer.model
-    x, m = batch["image"], batch["mask"]
-    fmap = torch.randn(len(x), *model.mask_grid, model.backbone.dim(model.late))
+    device = next(model.parameters()).device
+    x, m = batch["image"].to(device), batch["mask"].to(device)
+    fmap = torch.randn(len(x), *model.mask_grid, model.backbone.dim(model.late), device=device)
     times = []
     for _ in range(runs):
         tic = time.perf_counter()
         mixed = torch.cat([x, m[:, None]], dim=1)
         keep = keep_on_grid(mixed[:, 3] > 0, model.mask_grid)
         fmap * keep[..., None]
+        sync(trainer)
         times.append(time.perf_counter() - tic)
     return sorted(times)[len(times) // 2]
 
@@ -83,6 +90,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--seconds", type=float, default=45,
                         help="Stop repeating after this long (at least 3 repeats).")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, or cuda (bf16 autocast and channels-last, like probe finetune)")
     args = parser.parse_args()
     print(f"machine: {machine()}")
     with tempfile.TemporaryDirectory(prefix="probe-bench-") as work:
@@ -110,8 +119,9 @@ def main():
                 data_speed[name].append(args.batch / (time.perf_counter() - tic))
             done += 1
         extra = {name: mask_ops(runs[name], batches[name]) for name in ("late L", "late L-1")}
+        precision = "cuda bf16 autocast" if runs["baseline"].cuda else "CPU fp32"
     print(f"{args.backbone} (random init), {args.image_size} px, batch {args.batch}, "
-          f"best of {done} repeats, CPU fp32")
+          f"best of {done} repeats, {precision}")
     base_model, base_data = max(model_speed["baseline"]), max(data_speed["baseline"])
     print(f"{'strategy':<10} {'model step img/s':>17} {'ratio':>6} {'data img/s':>11} {'ratio':>6}"
           f" {'mask ops ms':>12} {'of step':>8}")

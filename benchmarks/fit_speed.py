@@ -17,6 +17,7 @@ from sklearn.linear_model import LogisticRegression
 from probe.backbones import create_backbone
 from probe.fit import pooled
 from probe.heads import LinearHead, LinearSweep
+from probe.heads.linear import resolve_device
 from probe.pooling import PoolSpec
 from probe.store import ArraySpec, FeatureStore
 
@@ -51,6 +52,31 @@ def heads(args, rng, out: dict):
     print(f"scikit-learn LogisticRegression (lbfgs): {out['sklearn']:7.2f} s, "
           f"test top-1 {100 * sk.score(Xt, yt):.1f}%")
     print(f"ratio sweep / one scikit-learn fit: {out['sweep'] / out['sklearn']:.2f} (target <= 1)")
+    sweep_floor(args, len(sweep.grid), int((~val).sum()), out)
+
+
+def sweep_floor(args, n_heads, rows, out: dict):
+    """The sweep's unavoidable arithmetic on this machine: per step, the forward matmul of all
+    heads and the weight-gradient matmul, timed alone on the same shapes."""
+    device = resolve_device(args.device)
+    batch, steps = 128, 90 * -(-rows // 128)
+    x = torch.randn(batch, args.dim, device=device)
+    weight = torch.randn(n_heads, args.dim, args.classes, device=device)
+    grad = torch.randn(n_heads, batch, args.classes, device=device)
+    step = lambda: (x @ weight, x.T @ grad)  # noqa: E731
+    for _ in range(3):
+        step()
+    repeats = 20
+    with timed(out, "matmuls"):
+        for _ in range(repeats):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    floor = out["matmuls"] / repeats * steps
+    flops = 2 * 2 * batch * args.dim * args.classes * n_heads * steps
+    print(f"sweep floor: {steps} steps x 2 matmuls = {flops / 1e12:.2f} TFLOP at "
+          f"{flops / floor / 1e9:.0f} GFLOP/s measured here = {floor:.2f} s; "
+          f"floor / one scikit-learn fit: {floor / out['sklearn']:.2f}")
 
 
 def pooling(args, work: Path, rng, out: dict):

@@ -130,7 +130,7 @@ def finetune(backbone: str, data_root, *, mask: str = "none", stage: str = "L",
         eval_sets = {f"val/{config['train_input']}": EvalItems(
             val, Preprocess(bb.image_size, bb.mean, bb.std), mask == "early", late is not None),
             **eval_sets}
-    trainer = _Trainer(model, r, rt, run_dir, seed, workers, progress)
+    trainer = Trainer(model, r, rt, run_dir, seed, workers, progress)
     trainer.setup(TrainItems(train_cub, TrainTransform(bb.image_size, bb.mean, bb.std,
                                                        r.rand_augment, r.random_erasing),
                              early=mask == "early", with_mask=late is not None),
@@ -219,7 +219,7 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(value)
 
 
-class _Trainer:
+class Trainer:
     """The optimisation loop of one run: optimiser, schedule, mixing, checkpoints, log."""
 
     def __init__(self, model: MaskedClassifier, recipe: Recipe, rt, run_dir: Path, seed: int,
@@ -365,11 +365,7 @@ class _Trainer:
                    disable=not self.progress, leave=False)
         tic = time.perf_counter()
         for s in range(self.steps):
-            self.scheduler.step_update(step + s)
-            for a in range(self.accum):
-                totals += self._micro_step(next(batches), last=a == self.accum - 1)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            totals += self.train_step(batches, step + s)
             bar.update()
             if self.progress:  # one device sync per step, only when someone is watching
                 bar.set_postfix(loss=f"{float(totals[0] / totals[2]):.4f}")
@@ -385,6 +381,17 @@ class _Trainer:
                 "loss": float(totals[0] / totals[2]),
                 "train_top1": float(100 * totals[1] / totals[2]),
                 "images_per_s": float(totals[2] / seconds), "seconds": round(seconds, 3)}
+
+    def train_step(self, micro_batches, update: int) -> torch.Tensor:
+        """One optimisation step, the ``update``-th of the run: the schedule's learning rate,
+        then ``accum`` micro-batches drawn from the iterable ``micro_batches``, then AdamW.
+        Returns [loss sum, correct, images] over the step, on the device."""
+        self.scheduler.step_update(update)
+        totals = sum(self._micro_step(batch, last=a == self.accum - 1)
+                     for a, batch in zip(range(self.accum), micro_batches))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return totals
 
     def _micro_step(self, batch: dict, last: bool) -> torch.Tensor:
         dev, model = self.rt.device, self.model
