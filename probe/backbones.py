@@ -20,6 +20,7 @@ import torch
 from timm.models.convnext import ConvNeXt
 from timm.models.vision_transformer import VisionTransformer
 
+from probe import hub
 from probe.errors import ProbeError, WeightsUnavailableError
 
 
@@ -295,13 +296,15 @@ def create_backbone(name: str, *, weights: str | os.PathLike | None = None,
 def _create_hf(name: str, weights, random_init: bool, image_size: int | None) -> HFBackbone:
     import transformers
 
-    ref, opts = name[3:], dict(local_files_only=offline())
+    ref = name[3:]
     try:
         if weights is None and not random_init:
-            model = transformers.AutoModel.from_pretrained(ref, **opts)
+            model = hub.cached_or_download(
+                lambda local: transformers.AutoModel.from_pretrained(ref, local_files_only=local))
         else:
+            config = hub.cached_or_download(
+                lambda local: transformers.AutoConfig.from_pretrained(ref, local_files_only=local))
             with _seeded():
-                config = transformers.AutoConfig.from_pretrained(ref, **opts)
                 model = transformers.AutoModel.from_config(config)
     except OSError as e:
         raise WeightsUnavailableError(
@@ -325,7 +328,8 @@ def _create_hf(name: str, weights, random_init: bool, image_size: int | None) ->
     weights_id = _load_weights(model, weights, random_init, pretrained)
     try:  # the processor's normalisation, read from its config without instantiating it
         mixin = transformers.image_processing_utils.ImageProcessingMixin
-        proc = mixin.get_image_processor_dict(ref, **opts)[0]
+        proc = hub.cached_or_download(
+            lambda local: mixin.get_image_processor_dict(ref, local_files_only=local))[0]
     except OSError:  # no processor config: DINOv2-style models use ImageNet statistics
         proc = {}
     return HFBackbone(model, name=name, model_id=ref, weights_id=weights_id,
@@ -350,14 +354,6 @@ def _seeded():
         yield
 
 
-def offline() -> bool:
-    """HF_HUB_OFFLINE as set now (huggingface_hub reads it only once, at import)."""
-    from huggingface_hub import constants
-
-    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-    return env or bool(constants.HF_HUB_OFFLINE)
-
-
 def _load_weights(model: torch.nn.Module, weights, random_init: bool, pretrained) -> str:
     """Load weights= into the model (or keep its random init); pretrained() otherwise.
     Returns the weights_id."""
@@ -370,23 +366,27 @@ def _load_weights(model: torch.nn.Module, weights, random_init: bool, pretrained
 
 
 def _download_timm(name: str, model_id: str, pcfg: dict) -> str:
-    """Path of the pretrained file in the Hugging Face cache, downloading it if allowed."""
+    """Path of the pretrained file in the Hugging Face cache, downloading it if the Hub is
+    reachable. timm's current file name first, then the older one."""
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
-    repo, is_offline = pcfg.get("hf_hub_id"), offline()
-    reason = "timm knows no Hugging Face repository for it"
+    repo = pcfg.get("hf_hub_id")
     files = [pcfg.get("hf_hub_filename") or "model.safetensors", "pytorch_model.bin"]
     for file in files if repo else []:
         try:
-            return hf_hub_download(repo, file, local_files_only=is_offline)
-        except Exception as e:  # offline, no network, no such file: all end in the same advice
-            reason = "offline mode is on (HF_HUB_OFFLINE)" if is_offline else \
-                f"downloading {repo} failed ({str(e).splitlines()[0] if str(e) else repr(e)})"
-            # Try the older file name only where that is cheap or the repository lacks the first.
+            return hf_hub_download(repo, file, local_files_only=True)  # cached: no network
+        except LocalEntryNotFoundError:
+            pass
+    reason = hub.unreachable() if repo else "timm knows no Hugging Face repository for it"
+    for file in files if reason is None else []:
+        try:
+            return hf_hub_download(repo, file)
+        except Exception as e:  # no such file, a network failure: all end in the same advice
+            reason = f"downloading {repo} failed ({str(e).splitlines()[0] if str(e) else repr(e)})"
             remote_miss = isinstance(e, EntryNotFoundError) and \
                 not isinstance(e, LocalEntryNotFoundError)
-            if not (is_offline or remote_miss):
+            if not remote_miss:  # only a file the repository lacks may have another name
                 break
     raise WeightsUnavailableError(
         f"pretrained weights for {name!r} (timm {model_id}) are not in the Hugging Face cache "

@@ -1,10 +1,14 @@
-"""Shared fixtures: a tiny hand-written CUB folder and a small synthetic set."""
+"""Shared fixtures: a tiny hand-written CUB folder, a small synthetic set, an unusable Hub."""
 
+import socket
 from pathlib import Path
 
+import huggingface_hub.constants
 import numpy as np
 import pytest
 from PIL import Image
+
+from probe.hub import PROXY_VARIABLES
 
 TINY_CLASSES = ["001.Alpha_Bird", "002.Beta_Bird", "003.Gamma_Bird"]
 
@@ -55,3 +59,29 @@ def synth_root(tmp_path_factory) -> Path:
 
     return make_synthetic(tmp_path_factory.mktemp("synth") / "birds", classes=6, per_class=8,
                           size=64, seed=0, progress=False)
+
+
+def closed_port() -> int:
+    """A local port nothing listens on: connecting to it is refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(params=["offline", "unreachable"])
+def hub_out_of_reach(request, monkeypatch, tmp_path):
+    """The Hub unusable in both ways users meet: HF_HUB_OFFLINE set, or (not set) an endpoint
+    that refuses connections. Returns (an empty Hugging Face cache folder, the reason's text)."""
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    if request.param == "offline":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        return cache, "offline mode is on (HF_HUB_OFFLINE)"
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    port = closed_port()
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    return cache, f"127.0.0.1:{port} cannot be reached"

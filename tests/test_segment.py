@@ -1,7 +1,6 @@
 import json
 import shutil
 
-import huggingface_hub
 import numpy as np
 import pytest
 import torch
@@ -245,14 +244,13 @@ def test_cls_attention_is_the_attention_timm_computes(synth_root, tmp_path):
                      random_init=True, image_size=64, workers=0, progress=False)
 
 
-def test_mask2former_offline_is_one_clear_message(synth_root, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # empty cache
+def test_mask2former_without_the_hub_is_one_clear_message(synth_root, tmp_path, hub_out_of_reach):
+    _, reason = hub_out_of_reach
     result = cli(["train", "--data", synth_root, "--out", tmp_path / "m2f"])
     assert result.exit_code == 2 and "Traceback" not in result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: Mask2Former weights")
-    for part in ("--weights FOLDER", "HF_HOME", "--model light", "mask2former-swin-tiny"):
+    for part in ("--weights FOLDER", "HF_HOME", "--model light", "mask2former-swin-tiny", reason):
         assert part in lines[0]
 
 

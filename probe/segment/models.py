@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from probe.backbones import Backbone, create_backbone, offline
+from probe import hub
+from probe.backbones import Backbone, create_backbone
 from probe.data.transforms import Preprocess
 from probe.errors import ConfigMismatchError, ProbeError, WeightsUnavailableError
 from probe.finetune import checkpoint
@@ -189,8 +190,9 @@ def _mask2former(spec: dict, model_kwargs: dict) -> Mask2FormerSegmenter:
         model = cls(tf.Mask2FormerConfig(backbone_config=swin, **labels, **model_kwargs))
     else:
         try:  # the class head is replaced: ADE's 150 classes -> background / bird
-            model = cls.from_pretrained(spec["source"], ignore_mismatched_sizes=True,
-                                        local_files_only=offline(), **labels, **model_kwargs)
+            model = hub.cached_or_download(lambda local: cls.from_pretrained(
+                spec["source"], ignore_mismatched_sizes=True, local_files_only=local, **labels,
+                **model_kwargs))
         except OSError as e:
             raise WeightsUnavailableError(
                 f"Mask2Former weights {spec['source']!r} are not available "
