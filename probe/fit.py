@@ -37,7 +37,7 @@ def _needed(split: Split, spec: PoolSpec) -> list[str]:
 
 def pooled(store: FeatureStore, split: Split, spec: PoolSpec, rows: np.ndarray | None = None) -> np.ndarray:
     """Pooled float32 [N, D'] of a split, streamed chunk by chunk and cached on disk."""
-    cache = store.path.with_suffix(".pooled") / store.attrs["store_id"] / split.name / f"{spec.key()}.npy"
+    cache = store.cache_dir / split.name / f"{spec.key()}.npy"
     if cache.is_file():
         values = np.load(cache)
     else:

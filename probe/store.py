@@ -10,6 +10,7 @@ one requested is refused with the list of differing fields.
 
 import hashlib
 import re
+import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,10 +134,22 @@ class FeatureStore:
                     store.group.attrs[key] = attrs[key]
             return store
         path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(cls.caches_of(path), ignore_errors=True)  # derived from a build now gone
         group = zarr.open_group(path, mode="w")
         group.attrs.update({**attrs, "probe_version": __version__, "store_format": 1,
                             "store_id": uuid.uuid4().hex[:16]})  # keys caches to this build
         return cls(path, group)
+
+    @staticmethod
+    def caches_of(path: Path) -> Path:
+        """The folder beside a store holding arrays derived from it (pooled features)."""
+        return path.with_suffix(".pooled")
+
+    @property
+    def cache_dir(self) -> Path:
+        """Caches of this build of the store: a store rebuilt in place gets a new store_id, and
+        creating it removes the caches of the old one."""
+        return self.caches_of(self.path) / self.attrs["store_id"]
 
     def check_identity(self, attrs: dict) -> None:
         mine = self.attrs

@@ -12,8 +12,9 @@ from probe.errors import ProbeError
 from probe.fit import fit
 from probe.heads import LinearHead
 from probe.metrics import accuracy
+from probe.pooling import PoolSpec
 from probe.run import demo, run
-from probe.store import FeatureStore
+from probe.store import ArraySpec, FeatureStore
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +145,33 @@ def test_cli_fit_prints_every_eval_set(small_demo):
     assert result.exit_code == 0, result.output
     for name in ("cub/original", "cub/masked", "waterbirds/original", "waterbirds/masked"):
         assert name in result.output
+
+
+def _tiny_store(path, rng):
+    """A store of one 6-row split holding a 2x2 map and a prefix, written through the store API."""
+    store = FeatureStore.create(path, {"backbone": "tiny"}, overwrite=True)
+    split = store.create_split("train", 6, 64, {"ids": np.arange(6), "labels": np.arange(6) % 2})
+    for name, tail in {"L": (2, 2, 4), "prefix": (1, 4)}.items():
+        split.require(name, ArraySpec(tail, "float16"))[:] = rng.random((6, *tail))
+    split.finish(["L", "prefix"])
+    return store
+
+
+def test_rebuilt_store_drops_the_old_pooled_caches(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "original.zarr"
+    spec = PoolSpec("L", "cls+patch", "mean", None, "seed")
+    store = _tiny_store(path, rng)
+    first = fit_module.pooled(store, store.split("train"), spec)
+    old_cache = store.cache_dir
+    assert [p.name for p in (old_cache / "train").iterdir()] == [f"{spec.key()}.npy"]
+    np.testing.assert_array_equal(np.load(old_cache / "train" / f"{spec.key()}.npy"), first)
+
+    rebuilt = _tiny_store(path, rng)  # new values under the same path: the cache must not serve
+    assert rebuilt.cache_dir != old_cache and not old_cache.exists()
+    split = rebuilt.split("train")
+    again = fit_module.pooled(rebuilt, split, spec)
+    patch = split.read("L").astype(np.float32).mean(axis=(1, 2))
+    np.testing.assert_allclose(again, np.concatenate([split.read("prefix")[:, 0], patch], 1),
+                               rtol=1e-6)
+    assert [p.name for p in FeatureStore.caches_of(path).iterdir()] == [rebuilt.attrs["store_id"]]
