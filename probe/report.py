@@ -244,6 +244,9 @@ def _plot(values: pd.DataFrame, layout: Layout, path: Path, title: str) -> None:
     fig.savefig(path, dpi=100)
 
 
+NOT_ENOUGH = "- **not enough records**"
+
+
 def _check(claim: Claim, values: pd.DataFrame) -> str:
     """One findings line: supported / contradicted / mixed / not enough records, with evidence."""
     layout, sub = LAYOUTS[claim.table], values.dropna(subset=["ours"])
@@ -258,7 +261,7 @@ def _check(claim: Claim, values: pd.DataFrame) -> str:
             verdicts.append((ok, f"{_join(layout, claim.groups, group)}: {evidence} → "
                                  + ("yes" if ok else "no")))
     if not verdicts:
-        return f"- **not enough records** — {claim.text}."
+        return f"{NOT_ENOUGH} — {claim.text}."
     hits = sum(ok for ok, _ in verdicts)
     verdict = ("supported" if hits == len(verdicts) else "contradicted" if hits == 0
                else f"mixed ({hits} of {len(verdicts)})")
@@ -312,8 +315,13 @@ def build_report(results_dir: str | Path = "results", tables: Sequence[int] = (3
             files += [Path(f"{stem}{ext}") for ext in (".csv", ".md", ".png")]
             written.append((table, has_records, text))
         if not section.records.empty:  # no verdicts from the study's numbers alone
-            lines = "\n".join(_check(claim, values[claim.table]) for claim in CLAIMS)
-            findings.append(f"## Findings\n\n{section.describe()}.\n\n{lines}\n")
+            lines = [_check(claim, values[claim.table]) for claim in CLAIMS]
+            if all(line.startswith(NOT_ENOUGH) for line in lines):  # a lone variant: one line
+                findings.append(f"## Findings\n\n{section.describe()}: too few records to check "
+                                "any of the study's claims.\n")
+            else:
+                findings.append(f"## Findings\n\n{section.describe()}.\n\n" + "\n".join(lines)
+                                + "\n")
     if records.empty:
         findings.append(f"No run records in {results_dir}: fill them with `probe fit` or "
                         "`probe run`; only the study's numbers are shown.\n")

@@ -170,6 +170,10 @@ def test_summary_reports_claims_and_unplaced_records(report):
     assert "ViT-B frozen: Baseline 76.00, Early-Masked 87.50, Late-Masked 77.00 → yes" in main
     assert "**not enough records** — Patch tokens with early masking" in main
     assert "1 record(s) in no table shown" in result.summary
+    # one logreg baseline can check nothing: one line instead of every claim unchecked
+    logreg = next(part for part in result.summary.split("## Findings") if "logreg" in part)
+    assert logreg.strip().endswith("too few records to check any of the study's claims.")
+    assert "not enough records" not in logreg
 
 
 def test_findings_flip_with_the_numbers(tmp_path):
