@@ -19,3 +19,9 @@ def timed(into: dict, key: str):
     start = time.perf_counter()
     yield
     into[key] = time.perf_counter() - start
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU before reading a clock: its kernels run after the Python call returns."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

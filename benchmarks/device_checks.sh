@@ -6,13 +6,16 @@
 #   bash benchmarks/device_checks.sh             # there, with .whl carried: the three benchmarks on cuda
 #
 # Each benchmark compares against its reference in the same run and prints the machine; the
-# outputs land in $OUT (or benchmarks/out) as one text file each.
-set -euo pipefail
+# outputs land in $OUT (or benchmarks/out) as one text file each. A benchmark that fails or
+# runs past its time limit is reported and the next one still runs: device time is scarce.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 
 if [[ "${1:-}" == "--prepare" ]]; then
+    set -e
     mkdir -p .whl
-    grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+    exclude="$(git rev-parse --git-path info/exclude)"  # also right in a git worktree
+    grep -qx '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >> "$exclude"
     for pkg in zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0 \
                faiss-cpu==1.15.1; do
         python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
@@ -24,15 +27,24 @@ if [[ "${1:-}" == "--prepare" ]]; then
 fi
 
 if compgen -G ".whl/*.whl" > /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+        || exit 1
     export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 out="${OUT:-benchmarks/out}"
 mkdir -p "$out"
+
+bench() {  # bench NAME SECONDS ARGS...: one benchmark, its output in $out/NAME.txt
+    local name=$1 limit=$2
+    shift 2
+    timeout "$limit" python3 "benchmarks/$name.py" "$@" 2>&1 | tee "$out/$name.txt"
+    local rc=${PIPESTATUS[0]}
+    [[ $rc == 0 ]] || echo "$name FAILED (exit $rc; 124 = past its $limit s)" | tee -a "$out/$name.txt"
+}
+
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
-python3 benchmarks/fit_speed.py --device cuda 2>&1 | tee "$out/fit_speed.txt"
-python3 benchmarks/finetune_step.py --device cuda --batch 64 --image-size 224 2>&1 \
-    | tee "$out/finetune_step.txt"
-python3 benchmarks/dump_overhead.py --device cuda --backbone vit_b --image-size 518 \
-    --batch-size 64 --workers 8 --classes 20 --per-class 32 2>&1 | tee "$out/dump_overhead.txt"
+bench fit_speed 180 --device cuda
+bench finetune_step 150 --device cuda --batch 64 --image-size 224 --seconds 60
+bench dump_overhead 180 --device cuda --backbone vit_b --image-size 518 --batch-size 64 \
+    --workers 8 --classes 20 --per-class 32

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import machine
+from common import machine, synchronize
 
 from probe.backbones import create_backbone
 from probe.data.cub import CUB
@@ -54,14 +54,8 @@ def step(trainer: Trainer, batch: dict) -> float:
     trainer.model.train()
     tic = time.perf_counter()
     trainer.train_step([dict(batch)], update=100)  # past warm-up: a real learning rate
-    sync(trainer)
+    synchronize(trainer.rt.device)
     return len(batch["image"]) / (time.perf_counter() - tic)
-
-
-def sync(trainer: Trainer) -> None:
-    """Wait for the GPU: its kernels run after the Python call returns."""
-    if trainer.cuda:
-        torch.cuda.synchronize()
 
 
 def mask_ops(trainer: Trainer, batch: dict, runs: int = 50) -> float:
@@ -77,7 +71,7 @@ def mask_ops(trainer: Trainer, batch: dict, runs: int = 50) -> float:
         mixed = torch.cat([x, m[:, None]], dim=1)
         keep = keep_on_grid(mixed[:, 3] > 0, model.mask_grid)
         fmap * keep[..., None]
-        sync(trainer)
+        synchronize(device)
         times.append(time.perf_counter() - tic)
     return sorted(times)[len(times) // 2]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import machine, timed
+from common import machine, synchronize, timed
 from sklearn.linear_model import LogisticRegression
 
 from probe.backbones import create_backbone
@@ -37,6 +37,8 @@ def pooled_features(rows, dim, classes, rng):
 def heads(args, rng, out: dict):
     X, y, Xt, yt = pooled_features(args.rows, args.dim, args.classes, rng)
     val = rng.random(len(y)) < 0.1
+    if resolve_device(args.device).type == "cuda":  # CUDA context and kernels load on first use
+        LinearHead(epochs=1, device=args.device).fit(X[:256], y[:256])
     with timed(out, "paper"):
         paper = LinearHead(lr=1e-3, weight_decay=1e-2, device=args.device).fit(X, y)
     with timed(out, "sweep"):
@@ -66,12 +68,12 @@ def sweep_floor(args, n_heads, rows, out: dict):
     step = lambda: (x @ weight, x.T @ grad)  # noqa: E731
     for _ in range(3):
         step()
+    synchronize(device)
     repeats = 20
     with timed(out, "matmuls"):
         for _ in range(repeats):
             step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
     floor = out["matmuls"] / repeats * steps
     flops = 2 * 2 * batch * args.dim * args.classes * n_heads * steps
     print(f"sweep floor: {steps} steps x 2 matmuls = {flops / 1e12:.2f} TFLOP at "
@@ -111,18 +113,23 @@ def pooling(args, work: Path, rng, out: dict):
 
 
 def versus_study(args, out: dict):
-    """The study recomputes the backbone for every image in each of its 90 epochs."""
-    model = create_backbone(args.backbone, random_init=True, image_size=args.image_size)
-    x = torch.randn(16, 3, args.image_size, args.image_size)
-    with torch.inference_mode():
+    """The study recomputes the backbone for every image in each of its 90 epochs; the forward
+    runs where the heads train, in bf16 autocast on a GPU like the dumper."""
+    device = resolve_device(args.device)
+    model = create_backbone(args.backbone, random_init=True, image_size=args.image_size).to(device)
+    x = torch.randn(16 if device.type == "cpu" else 128, 3, args.image_size, args.image_size,
+                    device=device)
+    with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
         model.forward_taps(x)
+        synchronize(device)
         with timed(out, "forward"):
             model.forward_taps(x)
+            synchronize(device)
     per_image = out["forward"] / len(x)
     study = 90 * args.rows * per_image
     ours = out["pool"] * args.rows / args.store_rows + out["paper"]
-    print(f"{args.backbone} forward on this machine: {per_image * 1e3:.1f} ms/image "
-          f"({args.image_size} px, random init)")
+    print(f"{args.backbone} forward on {device.type}: {per_image * 1e3:.2f} ms/image "
+          f"({args.image_size} px, random init, batch {len(x)})")
     print(f"one frozen experiment on {args.rows} train images: study's way (90 epochs of forward "
           f"passes, head excluded) ~{study:,.0f} s; from the store (pool + paper-recipe head) "
           f"{ours:.1f} s; ratio {study / ours:,.0f}x (the store's one forward pass per image, "

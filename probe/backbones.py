@@ -12,6 +12,7 @@ import difflib
 import hashlib
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -297,12 +298,18 @@ def _create_hf(name: str, weights, random_init: bool, image_size: int | None) ->
     import transformers
 
     ref = name[3:]
+    folder = Path(ref).expanduser()
+    if ref.startswith(("/", "./", "../", "~")) and not folder.is_dir():
+        raise WeightsUnavailableError(f"{name}: no such folder; pass a folder written by "
+                                      "save_pretrained, or a Hugging Face hub id")
+    # a local folder is read as it is; a hub id from the cache, else from the Hub if it answers
+    fetch = hub.cached_or_download if not folder.is_dir() else (lambda load: load(True))
     try:
         if weights is None and not random_init:
-            model = hub.cached_or_download(
+            model = fetch(
                 lambda local: transformers.AutoModel.from_pretrained(ref, local_files_only=local))
         else:
-            config = hub.cached_or_download(
+            config = fetch(
                 lambda local: transformers.AutoConfig.from_pretrained(ref, local_files_only=local))
             with _seeded():
                 model = transformers.AutoModel.from_config(config)
@@ -328,8 +335,11 @@ def _create_hf(name: str, weights, random_init: bool, image_size: int | None) ->
     weights_id = _load_weights(model, weights, random_init, pretrained)
     try:  # the processor's normalisation, read from its config without instantiating it
         mixin = transformers.image_processing_utils.ImageProcessingMixin
-        proc = hub.cached_or_download(
-            lambda local: mixin.get_image_processor_dict(ref, local_files_only=local))[0]
+        proc = fetch(lambda local: mixin.get_image_processor_dict(ref, local_files_only=local))[0]
+    except hub.HubUnreachable as e:  # it may exist: say that the statistics are a guess
+        warnings.warn(f"{name}: the image processor config is {e}; normalising with ImageNet "
+                      "mean/std, which may not be this model's", stacklevel=3)
+        proc = {}
     except OSError:  # no processor config: DINOv2-style models use ImageNet statistics
         proc = {}
     return HFBackbone(model, name=name, model_id=ref, weights_id=weights_id,

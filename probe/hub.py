@@ -7,14 +7,11 @@ retry, before it fails; on an offline cluster node the user should get the reaso
 from __future__ import annotations
 
 import os
-import socket
+import threading
 from collections.abc import Callable
 from typing import TypeVar
-from urllib.parse import urlparse
 
 T = TypeVar("T")
-PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
-                   "all_proxy")
 
 
 class HubUnreachable(OSError):
@@ -30,26 +27,40 @@ def offline() -> bool:
 
 
 def unreachable(timeout: float = 5.0) -> str | None:
-    """Why the Hub cannot be used now (offline mode, or no connection to its endpoint within
-    ``timeout`` seconds), or None when a download may be tried."""
+    """Why the Hub cannot be used now, or None when a download may be tried.
+
+    One HEAD request to the endpoint through huggingface_hub's own HTTP session (so the same
+    proxies and certificates as a download), no retries, and one deadline for all of it: the
+    name lookup and every address of the host included.
+    """
     if offline():
         return "offline mode is on (HF_HUB_OFFLINE)"
-    if any(os.environ.get(name) for name in PROXY_VARIABLES):
-        return None  # only the download itself, through the proxy, can tell
     from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
 
-    url = urlparse(constants.ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((url.hostname, port), timeout=timeout).close()
-    except OSError as e:
-        return f"{url.hostname}:{port} cannot be reached ({e.strerror or e})"
+    endpoint, answer = constants.ENDPOINT, {}
+
+    def ask() -> None:
+        try:
+            answer["status"] = get_session().head(endpoint, timeout=timeout).status_code
+        except Exception as e:  # any failure to get an answer means: do not start a download
+            answer["error"] = str(e).splitlines()[0] if str(e) else type(e).__name__
+
+    asking = threading.Thread(target=ask, daemon=True)  # a hung lookup is left behind
+    asking.start()
+    asking.join(timeout)
+    if "error" in answer:
+        return f"{endpoint} cannot be reached ({answer['error']})"
+    if "status" not in answer:
+        return f"{endpoint} did not answer within {timeout:g} s"
+    if answer["status"] >= 500:
+        return f"{endpoint} answered HTTP {answer['status']}"
     return None
 
 
 def cached_or_download(load: Callable[[bool], T]) -> T:
     """``load(local_files_only)``: from the local cache first, which needs no network; then from
-    the Hub when it can be reached. Raises HubUnreachable when it cannot."""
+    the Hub when it answers. Raises HubUnreachable when it does not."""
     try:
         return load(True)
     except OSError as miss:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from probe.hub import PROXY_VARIABLES
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                   "all_proxy")
 
 TINY_CLASSES = ["001.Alpha_Bird", "002.Beta_Bird", "003.Gamma_Bird"]
 
@@ -82,6 +83,9 @@ def hub_out_of_reach(request, monkeypatch, tmp_path):
         return cache, "offline mode is on (HF_HUB_OFFLINE)"
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    port = closed_port()
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{port}")
-    return cache, f"127.0.0.1:{port} cannot be reached"
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+    # downloads too (their URLs are built from this template): a regression cannot reach the Hub
+    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    return cache, f"{endpoint} cannot be reached"

@@ -1,4 +1,6 @@
 """Backbone taps against independent computations with the plain timm / transformers models."""
+import re
+
 import pytest
 import safetensors.torch
 import timm
@@ -226,3 +228,38 @@ def test_pretrained_tag_loads_from_the_cache_without_the_hub(hub_out_of_reach):
     bb = create_backbone("vit_s", **TINY_VIT)
     assert bb.weights_id == "timm:vit_small_patch14_dinov2.lvd142m"
     assert torch.equal(bb.model.pos_embed, model.pos_embed)
+
+
+def _tiny_dinov2(folder):
+    import transformers
+
+    model = transformers.Dinov2Model(transformers.Dinov2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=56, patch_size=14))
+    model.save_pretrained(folder)
+    return model
+
+
+def test_hf_local_folder_never_asks_the_hub(tmp_path, monkeypatch):
+    from probe import hub
+
+    _tiny_dinov2(tmp_path / "model")  # no preprocessor_config.json: ImageNet statistics
+    monkeypatch.setattr(hub, "unreachable", lambda: pytest.fail("asked the Hub for a folder"))
+    bb = create_backbone(f"hf:{tmp_path / 'model'}")
+    assert bb.mean == timm.data.IMAGENET_DEFAULT_MEAN
+    with pytest.raises(WeightsUnavailableError, match="no such folder"):
+        create_backbone(f"hf:{tmp_path / 'missing'}")
+
+
+def test_hf_hub_id_from_the_cache_without_the_hub(hub_out_of_reach):
+    """Weights cached, processor config not: the model loads, and the guessed statistics
+    are announced instead of silently used."""
+    cache, reason = hub_out_of_reach
+    repo, commit = cache / "models--org--tiny-dinov2", "0" * 40
+    model = _tiny_dinov2(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    expected = re.escape(f"config is not in the Hugging Face cache and {reason}")
+    with pytest.warns(UserWarning, match=expected + ".*; normalising with ImageNet"):
+        bb = create_backbone("hf:org/tiny-dinov2")
+    assert torch.equal(bb.model.embeddings.position_embeddings,
+                       model.embeddings.position_embeddings)

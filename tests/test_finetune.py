@@ -16,12 +16,13 @@ import probe.finetune.checkpoint as checkpoint_module
 from probe.backbones import create_backbone
 from probe.data.cub import CUB
 from probe.data.transforms import GEOMETRIC_OPS, Preprocess, TrainTransform
-from probe.dump import dump
+from probe.dump import dump, runtime
 from probe.errors import ProbeError
 from probe.finetune import finetune
-from probe.finetune.data import EvalItems, keep_on_grid
+from probe.finetune.data import EvalItems, TrainItems, keep_on_grid
 from probe.finetune.model import MaskedClassifier
 from probe.finetune.recipe import make_recipe
+from probe.finetune.train import Trainer
 from probe.report import build_report
 from probe.results import load_records
 from probe.store import FeatureStore
@@ -239,3 +240,34 @@ def test_force_trains_anew_and_keeps_the_old_run(synth_root, tmp_path):
     assert not again.get("reused") and again["run_dir"] == first["run_dir"]
     kept = list(Path(first["run_dir"]).parent.glob("*.replaced-*"))
     assert len(kept) == 1 and (kept[0] / "model.safetensors").is_file()
+
+
+def test_accumulated_step_equals_one_full_batch_step(synth_root):
+    """Two micro-batches of 4 with accumulation update the model exactly as one batch of 8."""
+    recipe = make_recipe("paper", "test_vit", batch_size=8, mixup=0.0, cutmix=0.0,
+                         drop_path=0.0)
+    items = TrainItems(CUB(synth_root, "train"), TrainTransform(64, (0.5,) * 3, (0.5,) * 3, "", 0.0),
+                       early=False, with_mask=False)
+    batch = torch.utils.data.default_collate([items[i] for i in range(8)])
+    halves = [{k: v[:4] for k, v in batch.items()}, {k: v[4:] for k, v in batch.items()}]
+    trained, grads = {}, {}
+    for accum in (1, 2):
+        trainer = Trainer(_model("test_vit", None, head="cls+patch"), recipe, runtime("cpu"),
+                          Path("unused"), 0, 0, False)
+        trainer.setup(items, accum, None)
+        adam_step = trainer.optimizer.step
+
+        def spy(accum=accum, trainer=trainer, adam_step=adam_step):  # the gradient AdamW sees
+            grads[accum] = [p.grad.clone() for p in trainer.model.parameters()]
+            adam_step()
+        trainer.optimizer.step = spy
+        totals = trainer.train_step([batch] if accum == 1 else halves, update=5)
+        assert totals[2] == 8
+        trained[accum] = trainer.model.state_dict()
+        if accum == 2:
+            with pytest.raises(ProbeError, match="a step takes 2 micro-batches, 1 were given"):
+                trainer.train_step(halves[:1], update=6)
+    for full, accumulated in zip(grads[1], grads[2], strict=True):
+        torch.testing.assert_close(accumulated, full, rtol=1e-4, atol=1e-7)
+    for name, value in trained[1].items():
+        torch.testing.assert_close(trained[2][name], value, rtol=1e-4, atol=1e-6, msg=name)

@@ -1,6 +1,8 @@
-"""The Hub check: cache first, the network only when the endpoint answers, proxies trusted."""
+"""The Hub check: cache first, the network only when the endpoint answers, within a deadline."""
 import re
 import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import huggingface_hub.constants
 import pytest
@@ -9,19 +11,30 @@ from probe import hub
 
 
 @pytest.fixture
-def listening_endpoint(monkeypatch):
-    """An endpoint that accepts connections (a bare listening socket), offline mode off."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen()
+def endpoint(monkeypatch):
+    """Point the Hub at a local address, offline mode off; yields a function that sets it."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    for name in hub.PROXY_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT",
-                        f"http://127.0.0.1:{server.getsockname()[1]}")
-    yield
-    server.close()
+    return lambda url: monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", url)
+
+
+@pytest.fixture
+def http_server():
+    """A local HTTP server answering HEAD with the status in ``server.status``."""
+    class Handler(BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(self.server.status)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.status = 200
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
 
 
 def loader(cached: bool):
@@ -45,19 +58,32 @@ def test_cached_files_need_no_network(hub_out_of_reach):
 def test_out_of_reach_raises_the_reason_without_trying_the_hub(hub_out_of_reach):
     _, reason = hub_out_of_reach
     load, calls = loader(cached=False)
-    with pytest.raises(hub.HubUnreachable, match=re.escape(f"not in the Hugging Face cache and {reason}")):
+    with pytest.raises(hub.HubUnreachable,
+                       match=re.escape(f"not in the Hugging Face cache and {reason}")):
         hub.cached_or_download(load)
     assert calls == [True]
 
 
-def test_reachable_hub_is_asked_after_a_cache_miss(listening_endpoint):
+def test_an_answering_hub_is_asked_after_a_cache_miss(endpoint, http_server):
+    endpoint(f"http://127.0.0.1:{http_server.server_port}")
     assert hub.unreachable() is None
     load, calls = loader(cached=False)
     assert hub.cached_or_download(load) == "hub" and calls == [True, False]
 
 
-def test_a_proxy_is_trusted_to_reach_the_hub(hub_out_of_reach, monkeypatch):
-    _, reason = hub_out_of_reach
-    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
-    expected = reason if "HF_HUB_OFFLINE" in reason else None  # offline mode still wins
-    assert hub.unreachable() == expected
+def test_a_failing_hub_is_not_asked(endpoint, http_server):
+    url = f"http://127.0.0.1:{http_server.server_port}"
+    endpoint(url)
+    http_server.status = 503
+    assert hub.unreachable() == f"{url} answered HTTP 503"
+
+
+def test_a_silent_endpoint_costs_one_deadline(endpoint):
+    """A host that accepts the connection and never answers (a firewall, a hung proxy)."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        endpoint(url)
+        assert hub.unreachable(timeout=0.5) in (f"{url} did not answer within 0.5 s",
+                                                f"{url} cannot be reached (timed out)")

@@ -384,11 +384,15 @@ class Trainer:
 
     def train_step(self, micro_batches, update: int) -> torch.Tensor:
         """One optimisation step, the ``update``-th of the run: the schedule's learning rate,
-        then ``accum`` micro-batches drawn from the iterable ``micro_batches``, then AdamW.
-        Returns [loss sum, correct, images] over the step, on the device."""
+        then ``accum`` micro-batches taken from ``micro_batches`` (a list, or an iterator left
+        at the next unread one), then AdamW. Returns [loss sum, correct, images] over the step,
+        on the device."""
         self.scheduler.step_update(update)
-        totals = sum(self._micro_step(batch, last=a == self.accum - 1)
-                     for a, batch in zip(range(self.accum), micro_batches))
+        batches, totals = iter(micro_batches), 0
+        for a in range(self.accum):
+            if (batch := next(batches, None)) is None:  # a step must end in the gradient sync
+                raise ProbeError(f"a step takes {self.accum} micro-batches, {a} were given")
+            totals = totals + self._micro_step(batch, last=a == self.accum - 1)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return totals
