@@ -386,7 +386,7 @@ def _download_timm(name: str, model_id: str, pcfg: dict) -> str:
     for file in files if repo else []:
         try:
             return hf_hub_download(repo, file, local_files_only=True)  # cached: no network
-        except LocalEntryNotFoundError:
+        except (OSError, ValueError):  # not cached, or a cache it cannot read: the Hub decides
             pass
     reason = hub.unreachable() if repo else "timm knows no Hugging Face repository for it"
     for file in files if reason is None else []:
