@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from probe.backbones import MASKED
 from probe.data.masks import mask_name
@@ -35,7 +36,8 @@ def _needed(split: Split, spec: PoolSpec) -> list[str]:
     return names
 
 
-def pooled(store: FeatureStore, split: Split, spec: PoolSpec, rows: np.ndarray | None = None) -> np.ndarray:
+def pooled(store: FeatureStore, split: Split, spec: PoolSpec, rows: np.ndarray | None = None,
+           progress: bool = False) -> np.ndarray:
     """Pooled float32 [N, D'] of a split, streamed chunk by chunk and cached on disk."""
     cache = store.cache_dir / split.name / f"{spec.key()}.npy"
     if cache.is_file():
@@ -46,7 +48,8 @@ def pooled(store: FeatureStore, split: Split, spec: PoolSpec, rows: np.ndarray |
         fg = split[spec.fg_array(*tap.shape[1:3])] if spec.mask else None
         head_norm = store.attrs.get("head_norm") if spec.representation == "patch" else None
         parts = []
-        for chunk in range(split.n_chunks):
+        for chunk in tqdm(range(split.n_chunks), desc=f"pool {split.name}", unit="chunk",
+                          disable=not progress, leave=False):
             lo, hi = split.chunk_range(chunk)
             parts.append(pool(tap[lo:hi], representation=spec.representation, spatial=spec.spatial,
                               prefix=None if prefix is None else prefix[lo:hi],
@@ -106,10 +109,10 @@ def pool_spec(*, head: str, mask: str, stage: str, mask_source: str, fg_rule: st
     return PoolSpec("L", head, spatial, mask_source, fg_rule, fg_threshold)
 
 
-def _make_head(classifier: str, recipe: str, kind: str, seed: int, device: str):
+def _make_head(classifier: str, recipe: str, kind: str, seed: int, device: str, progress: bool):
     if classifier == "linear":
         family = "vit" if kind in ("vit", "hf") else "convnext"
-        params = {**FROZEN_RECIPES[family], "seed": seed, "device": device}
+        params = {**FROZEN_RECIPES[family], "seed": seed, "device": device, "verbose": progress}
         if recipe not in ("paper", "sweep"):
             raise ProbeError(f"--recipe must be paper or sweep, got {recipe!r}")
         return make_head("linear", **params)
@@ -123,10 +126,11 @@ def fit(backbone: str, *, features: str | Path = "features", dataset: str | None
         mask_source: str = "gt", fg_rule: str = "seed", fg_threshold: float = 0.5,
         pooling: str = "mean", classifier: str = "linear", recipe: str = "paper", views: int = 0,
         seed: int = 0, results: str | Path = "results", force: bool = False,
-        device: str = "cpu") -> dict:
+        device: str = "cpu", progress: bool = True) -> dict:
     """Fit one head on stored features and evaluate it everywhere; returns the run record.
 
-    An identical earlier fit is reused (its record returned) unless `force`.
+    An identical earlier fit is reused (its record returned) unless `force`. ``progress``:
+    progress bars while pooling a store for the first time and while training a linear head.
     """
     features = Path(features)
     mask_source = mask_name(mask_source)
@@ -160,12 +164,12 @@ def fit(backbone: str, *, features: str | Path = "features", dataset: str | None
 
     started = time.perf_counter()
     train = train_store.split("train")
-    X = pooled(train_store, train, spec)
+    X = pooled(train_store, train, spec, progress=progress)
     y, ids = train.read("labels"), train.read("ids")
     if views:
-        X, y, ids = _with_views(train_store, spec, X, y, ids, views)
+        X, y, ids = _with_views(train_store, spec, X, y, ids, views, progress)
     pooled_seconds = time.perf_counter() - started
-    model = _make_head(classifier, recipe, kind, seed, device)
+    model = _make_head(classifier, recipe, kind, seed, device, progress)
     if classifier == "linear" and recipe == "paper":
         model.fit(X, y)
         chosen = {"lr": model.lr, "weight_decay": model.weight_decay, "epochs": model.epochs}
@@ -188,7 +192,7 @@ def fit(backbone: str, *, features: str | Path = "features", dataset: str | None
             labels = split.read("labels")
             wb = "place" in split.names()
             metrics[f"{eval_name}/{test_input}"] = eval_metrics(
-                labels, model.predict(pooled(store, split, spec)),
+                labels, model.predict(pooled(store, split, spec, progress=progress)),
                 split.read("place") if wb else None, split.read("waterbird") if wb else None)
     record = {"kind": "fit", "config": config, "chosen": chosen, "metrics": metrics,
               "timings": {"pool_seconds": round(pooled_seconds, 3),
@@ -199,7 +203,7 @@ def fit(backbone: str, *, features: str | Path = "features", dataset: str | None
     return record
 
 
-def _with_views(store: FeatureStore, spec: PoolSpec, X, y, ids, views: int):
+def _with_views(store: FeatureStore, spec: PoolSpec, X, y, ids, views: int, progress: bool):
     """Append the store's augmented train views (split `train.aug`) to the training rows."""
     if not store.has_split("train.aug"):
         raise ProbeError(f"{store.path} has no augmented views; dump them with --views {views}")
@@ -209,5 +213,5 @@ def _with_views(store: FeatureStore, spec: PoolSpec, X, y, ids, views: int):
     if int(view.max(initial=-1)) + 1 < views:
         raise ProbeError(f"{store.path} holds {int(view.max(initial=-1)) + 1} views per image; "
                          f"asked for {views}; dump again with --views {views}")
-    return (np.concatenate([X, pooled(store, aug, spec, rows)]),
+    return (np.concatenate([X, pooled(store, aug, spec, rows, progress)]),
             np.concatenate([y, aug.read("labels")[rows]]), np.concatenate([ids, aug.read("ids")[rows]]))

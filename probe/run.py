@@ -44,7 +44,7 @@ def run(tables=TABLES, backbones=None, *, data_root, features="features", result
                  waterbirds_root=waterbirds_root, dataset=dataset, progress=False)
         elif kind == "fit":
             record = fit(**spec, features=features, data_root=data_root, dataset=dataset,
-                         results=results)
+                         results=results, device=device, progress=False)  # its own bar above
             counts["new_fits"] += not record.get("reused")
         else:
             record = finetune(**spec, data_root=data_root, results=results, device=device,

@@ -232,3 +232,14 @@ def test_metrics_equal_hand_computations():
         accuracy(y, pred[:-1])
     with pytest.raises(ValueError, match="boolean mask"):
         group_accuracies(y, pred, {"a": np.arange(7)})
+
+
+def test_linear_progress_bar_only_when_verbose(data, capsys):
+    quiet = LinearHead(epochs=2).fit(data["X"], data["y"])
+    assert capsys.readouterr().err == ""
+    loud = LinearHead(epochs=2, verbose=True).fit(data["X"], data["y"])
+    assert "linear head:" in capsys.readouterr().err
+    np.testing.assert_array_equal(quiet.weight_, loud.weight_)  # a bar changes nothing else
+    LinearSweep(lrs=(1e-3, 1e-2), weight_decays=(0.0,), epochs=2, verbose=True).fit(
+        data["Xtr"], data["ytr"], data["Xval"], data["yval"])
+    assert "linear heads (2):" in capsys.readouterr().err

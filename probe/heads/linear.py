@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from timm.scheduler import CosineLRScheduler
+from tqdm import tqdm
 
 from probe.heads.base import (
     Head,
@@ -54,11 +55,13 @@ def train_linear_heads(
     label_smoothing: float,
     seed: int,
     device: str,
+    verbose: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Train len(lrs) softmax heads (head h: lrs[h], weight_decays[h]) in one pass over the data.
 
     Returns weights [H, D, C] and biases [H, C]. AdamW per head (biases without weight decay,
     as timm's optimizer factory does), cosine decay per update with timm's scheduler, no warm-up.
+    ``verbose``: a progress bar over the epochs.
     """
     if epochs < 1 or batch_size < 1:
         raise HeadError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
@@ -79,7 +82,8 @@ def train_linear_heads(
 
     Xd, yd = torch.tensor(X, device=dev), torch.tensor(yi, dtype=torch.int64, device=dev)
     step = 0
-    for _ in range(epochs):
+    what = f"linear heads ({h})" if h > 1 else "linear head"
+    for _ in tqdm(range(epochs), desc=what, unit="epoch", disable=not verbose, leave=False):
         for idx in torch.randperm(n, generator=gen).to(dev).split(batch_size):
             xb, yb = Xd[idx], yd[idx]
             with torch.no_grad():
@@ -155,6 +159,7 @@ class LinearHead(Head):
         device: str = "cpu",
         lrs: Sequence[float] = SWEEP_LRS,
         weight_decays: Sequence[float] = SWEEP_WEIGHT_DECAYS,
+        verbose: bool = False,
     ) -> None:
         self.lr = lr
         self.weight_decay = weight_decay
@@ -165,9 +170,10 @@ class LinearHead(Head):
         self.device = device
         self.lrs = lrs
         self.weight_decays = weight_decays
+        self.verbose = verbose
 
     def _recipe(self) -> dict:
-        keys = ("epochs", "batch_size", "label_smoothing", "seed", "device")
+        keys = ("epochs", "batch_size", "label_smoothing", "seed", "device", "verbose")
         return {k: getattr(self, k) for k in keys}
 
     def _fit(self, X, yi, n_classes) -> None:
@@ -205,13 +211,15 @@ class LinearSweep:
         label_smoothing: float = 0.1,
         seed: int = 0,
         device: str = "cpu",
+        verbose: bool = False,
     ) -> None:
         if not lrs or not weight_decays:
             raise HeadError("the sweep needs at least one lr and one weight decay")
         self.grid = [{"lr": float(lr), "weight_decay": float(wd)}
                      for lr in lrs for wd in weight_decays]
         self.recipe = {"epochs": epochs, "batch_size": batch_size,
-                       "label_smoothing": label_smoothing, "seed": seed, "device": device}
+                       "label_smoothing": label_smoothing, "seed": seed, "device": device,
+                       "verbose": verbose}
 
     def fit(self, X, y, X_val, y_val) -> LinearSweep:
         X = check_features(X)
