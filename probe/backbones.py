@@ -255,12 +255,13 @@ def create_backbone(name: str, *, weights: str | os.PathLike | None = None,
 
     Weights: the timm pretrained tag from the Hugging Face cache (default), a local file
     (weights=), or a fixed-seed random initialisation (random_init=True). model_kwargs go to
-    timm.create_model (e.g. depth=2 to shrink an architecture in tests).
+    timm.create_model (e.g. depth=2 to shrink an architecture in tests), or for hf: models
+    override fields of the model's config (e.g. drop_path_rate=0.1).
     """
     if weights is not None and random_init:
         raise ProbeError("pass either weights=FILE (--weights) or --random-init, not both")
     if name.startswith("hf:"):
-        return _create_hf(name, weights, random_init, image_size)
+        return _create_hf(name, weights, random_init, image_size, model_kwargs)
     entry = REGISTRY.get(name)
     model_id = f"{entry.timm_id}.{entry.tag}" if entry else name
     if not timm.is_model(model_id):
@@ -294,31 +295,55 @@ def create_backbone(name: str, *, weights: str | os.PathLike | None = None,
                image_size=image_size, mean=data["mean"], std=data["std"])
 
 
-def _create_hf(name: str, weights, random_init: bool, image_size: int | None) -> HFBackbone:
-    import transformers
-
+def _hf_fetch(name: str):
+    """How to read hf:<ref>: a local folder as it is; a hub id from the cache, else from the Hub
+    if it answers."""
     ref = name[3:]
     folder = Path(ref).expanduser()
     if ref.startswith(("/", "./", "../", "~")) and not folder.is_dir():
         raise WeightsUnavailableError(f"{name}: no such folder; pass a folder written by "
                                       "save_pretrained, or a Hugging Face hub id")
-    # a local folder is read as it is; a hub id from the cache, else from the Hub if it answers
-    fetch = hub.cached_or_download if not folder.is_dir() else (lambda load: load(True))
+    return (lambda load: load(True)) if folder.is_dir() else hub.cached_or_download
+
+
+def _hf_unavailable(name: str, e: OSError) -> WeightsUnavailableError:
+    return WeightsUnavailableError(
+        f"Hugging Face model {name[3:]!r} is not available ({str(e).splitlines()[0]}). Pass a "
+        "folder written by save_pretrained as hf:/path/to/folder, or set HF_HOME to a Hugging "
+        "Face cache holding it; timm backbones also take --weights FILE or --random-init.")
+
+
+def hf_config(name: str):
+    """The transformers config of ``hf:<hub id or folder>``, read without building the model."""
+    import transformers
+
+    ref = name[3:]
+    try:
+        return _hf_fetch(name)(
+            lambda local: transformers.AutoConfig.from_pretrained(ref, local_files_only=local))
+    except OSError as e:
+        raise _hf_unavailable(name, e) from None
+
+
+def _create_hf(name: str, weights, random_init: bool, image_size: int | None,
+               overrides: dict) -> HFBackbone:
+    import transformers
+
+    ref, fetch, config = name[3:], _hf_fetch(name), hf_config(name)
+    unknown = sorted(k for k in overrides if not hasattr(config, k))
+    if unknown:
+        raise ProbeError(f"{name}: its {type(config).__name__} has no field(s) {unknown}; "
+                         "model options of hf: backbones override config fields")
+    config.update(overrides)
     try:
         if weights is None and not random_init:
-            model = fetch(
-                lambda local: transformers.AutoModel.from_pretrained(ref, local_files_only=local))
+            model = fetch(lambda local: transformers.AutoModel.from_pretrained(
+                ref, config=config, local_files_only=local))
         else:
-            config = fetch(
-                lambda local: transformers.AutoConfig.from_pretrained(ref, local_files_only=local))
             with _seeded():
                 model = transformers.AutoModel.from_config(config)
     except OSError as e:
-        raise WeightsUnavailableError(
-            f"Hugging Face model {ref!r} is not available ({str(e).splitlines()[0]}). Pass a "
-            "folder written by save_pretrained as hf:/path/to/folder, or set HF_HOME to a Hugging "
-            "Face cache holding it; timm backbones also take --weights FILE or --random-init."
-        ) from None
+        raise _hf_unavailable(name, e) from None
     model, cfg = model.float(), model.config
     if not hasattr(cfg, "patch_size") or not hasattr(cfg, "hidden_size"):
         raise ProbeError(f"{name}: only ViT-style Hugging Face models (with a patch_size) work")
@@ -329,8 +354,11 @@ def _create_hf(name: str, weights, random_init: bool, image_size: int | None) ->
         if Path(ref).is_dir():
             files = sorted(p for p in Path(ref).iterdir() if p.suffix in (".safetensors", ".bin"))
             return f"file:sha256:{_sha256(files)}"
-        commit = getattr(cfg, "_commit_hash", None)
-        return f"hf:{ref}" + (f"@{commit}" if commit else "")
+        from huggingface_hub import try_to_load_from_cache
+
+        # the snapshot the weights were read from: <cache>/models--org--name/snapshots/<commit>/
+        cached = try_to_load_from_cache(ref, "config.json")
+        return f"hf:{ref}" + (f"@{Path(cached).parent.name}" if isinstance(cached, str) else "")
 
     weights_id = _load_weights(model, weights, random_init, pretrained)
     try:  # the processor's normalisation, read from its config without instantiating it

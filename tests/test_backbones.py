@@ -261,5 +261,15 @@ def test_hf_hub_id_from_the_cache_without_the_hub(hub_out_of_reach):
     expected = re.escape(f"config is not in the Hugging Face cache and {reason}")
     with pytest.warns(UserWarning, match=expected + ".*; normalising with ImageNet"):
         bb = create_backbone("hf:org/tiny-dinov2")
+    assert bb.weights_id == f"hf:org/tiny-dinov2@{commit}"  # the snapshot's commit
     assert torch.equal(bb.model.embeddings.position_embeddings,
                        model.embeddings.position_embeddings)
+
+
+def test_hf_model_options_override_config_fields(tmp_path):
+    _tiny_dinov2(tmp_path / "model")
+    bb = create_backbone(f"hf:{tmp_path / 'model'}", drop_path_rate=0.1)
+    assert bb.model.config.drop_path_rate == 0.1
+    assert [layer.drop_path.drop_prob for layer in bb.model.encoder.layer] == [0.1, 0.1]
+    with pytest.raises(ProbeError, match=r"Dinov2Config has no field\(s\) \['depth'\]"):
+        create_backbone(f"hf:{tmp_path / 'model'}", depth=2)

@@ -271,3 +271,22 @@ def test_accumulated_step_equals_one_full_batch_step(synth_root):
         torch.testing.assert_close(accumulated, full, rtol=1e-4, atol=1e-7)
     for name, value in trained[1].items():
         torch.testing.assert_close(trained[2][name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_hf_backbone_fine_tunes_with_the_recipes_stochastic_depth(synth_root, tmp_path):
+    """DINOv2 in transformers has stochastic depth: the study's 0.1 is applied and recorded;
+    a config without it records 0."""
+    import transformers
+
+    kw = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=56,
+              patch_size=14)
+    transformers.Dinov2Model(transformers.Dinov2Config(**kw)).save_pretrained(tmp_path / "dinov2")
+    transformers.ViTModel(transformers.ViTConfig(intermediate_size=64, **kw)).save_pretrained(
+        tmp_path / "vit")
+    run = {**TINY, "image_size": 56, "epochs": 1, "warmup_epochs": 0}
+    dinov2 = finetune(f"hf:{tmp_path / 'dinov2'}", synth_root, results=tmp_path / "results",
+                      out=tmp_path / "runs", **run)
+    assert dinov2["config"]["hyper"]["drop_path"] == 0.1
+    vit = finetune(f"hf:{tmp_path / 'vit'}", synth_root, results=tmp_path / "results",
+                   out=tmp_path / "runs", **run)
+    assert vit["config"]["hyper"]["drop_path"] == 0.0

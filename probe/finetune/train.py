@@ -22,7 +22,7 @@ from timm.optim import param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
 
-from probe.backbones import create_backbone
+from probe.backbones import create_backbone, hf_config
 from probe.data.cub import CUB, WATERBIRDS_DIRNAME, waterbirds_fingerprint
 from probe.data.loading import guarded_loader
 from probe.data.masks import MaskSource
@@ -80,10 +80,10 @@ def finetune(backbone: str, data_root, *, mask: str = "none", stage: str = "L",
         torch.backends.cudnn.benchmark = True
 
     kwargs = dict(model_kwargs or {})
-    if not backbone.startswith("hf:"):  # timm models take stochastic depth at creation
+    if backbone.startswith("hf:") and not hasattr(hf_config(backbone), "drop_path_rate"):
+        r = replace(r, drop_path=0.0)  # a transformers model without stochastic depth: record it
+    else:  # timm models, and transformers configs that have it, take it at creation
         kwargs.setdefault("drop_path_rate", r.drop_path)
-    else:  # transformers models are built from their own config: record what really runs
-        r = replace(r, drop_path=0.0)
     bb = create_backbone(backbone, weights=weights, random_init=random_init,
                          image_size=image_size, **kwargs)
     head = ("cls+patch" if bb.num_prefix_tokens else "patch") if head == "auto" else head
