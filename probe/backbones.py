@@ -295,15 +295,17 @@ def create_backbone(name: str, *, weights: str | os.PathLike | None = None,
                image_size=image_size, mean=data["mean"], std=data["std"])
 
 
-def _hf_fetch(name: str):
-    """How to read hf:<ref>: a local folder as it is; a hub id from the cache, else from the Hub
-    if it answers."""
+def _hf_source(name: str):
+    """(ref, fetch) for hf:<ref>: a local folder (~ expanded) is read as it is; a hub id from
+    the cache, else from the Hub if it answers."""
     ref = name[3:]
     folder = Path(ref).expanduser()
-    if ref.startswith(("/", "./", "../", "~")) and not folder.is_dir():
+    if folder.is_dir():
+        return str(folder), lambda load: load(True)
+    if ref.startswith(("/", "./", "../", "~")):
         raise WeightsUnavailableError(f"{name}: no such folder; pass a folder written by "
                                       "save_pretrained, or a Hugging Face hub id")
-    return (lambda load: load(True)) if folder.is_dir() else hub.cached_or_download
+    return ref, hub.cached_or_download
 
 
 def _hf_unavailable(name: str, e: OSError) -> WeightsUnavailableError:
@@ -317,9 +319,9 @@ def hf_config(name: str):
     """The transformers config of ``hf:<hub id or folder>``, read without building the model."""
     import transformers
 
-    ref = name[3:]
+    ref, fetch = _hf_source(name)
     try:
-        return _hf_fetch(name)(
+        return fetch(
             lambda local: transformers.AutoConfig.from_pretrained(ref, local_files_only=local))
     except OSError as e:
         raise _hf_unavailable(name, e) from None
@@ -329,8 +331,8 @@ def _create_hf(name: str, weights, random_init: bool, image_size: int | None,
                overrides: dict) -> HFBackbone:
     import transformers
 
-    ref, fetch, config = name[3:], _hf_fetch(name), hf_config(name)
-    unknown = sorted(k for k in overrides if not hasattr(config, k))
+    (ref, fetch), config = _hf_source(name), hf_config(name)
+    unknown = sorted(set(overrides) - set(config.to_dict()))  # fields only, never methods
     if unknown:
         raise ProbeError(f"{name}: its {type(config).__name__} has no field(s) {unknown}; "
                          "model options of hf: backbones override config fields")

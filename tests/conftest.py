@@ -4,6 +4,7 @@ import socket
 from pathlib import Path
 
 import huggingface_hub.constants
+import huggingface_hub.utils
 import numpy as np
 import pytest
 from PIL import Image
@@ -62,30 +63,41 @@ def synth_root(tmp_path_factory) -> Path:
                           size=64, seed=0, progress=False)
 
 
-def closed_port() -> int:
-    """A local port nothing listens on: connecting to it is refused at once."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture
+def local_hub(monkeypatch):
+    """huggingface_hub talking to local addresses only: no proxy (its shared HTTP client reads
+    the proxy settings once, when created, so it is recreated here and after the test) and
+    offline mode off. Returns a function pointing the endpoint, downloads included, at a URL."""
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    huggingface_hub.utils.close_session()
+
+    def point(url: str) -> None:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", url)
+        monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            url + "/{repo_id}/resolve/{revision}/{filename}")
+    yield point
+    huggingface_hub.utils.close_session()
 
 
 @pytest.fixture(params=["offline", "unreachable"])
-def hub_out_of_reach(request, monkeypatch, tmp_path):
+def hub_out_of_reach(request, monkeypatch, tmp_path, local_hub):
     """The Hub unusable in both ways users meet: HF_HUB_OFFLINE set, or (not set) an endpoint
-    that refuses connections. Returns (an empty Hugging Face cache folder, the reason's text)."""
+    that refuses connections; in both, any request a regression let through is refused too.
+    Returns (an empty Hugging Face cache folder, the reason's text)."""
     cache = tmp_path / "hf-cache"
     cache.mkdir()
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    for name in PROXY_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-    if request.param == "offline":
-        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-        return cache, "offline mode is on (HF_HUB_OFFLINE)"
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    endpoint = f"http://127.0.0.1:{closed_port()}"
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
-    # downloads too (their URLs are built from this template): a regression cannot reach the Hub
-    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                        endpoint + "/{repo_id}/resolve/{revision}/{filename}")
-    return cache, f"{endpoint} cannot be reached"
+    with socket.socket() as closed:  # bound, never listening: connections are refused
+        closed.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        local_hub(endpoint)
+        if request.param == "offline":
+            monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+            monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+            yield cache, "offline mode is on (HF_HUB_OFFLINE)"
+        else:
+            yield cache, f"{endpoint} cannot be reached"

@@ -244,8 +244,11 @@ def test_hf_local_folder_never_asks_the_hub(tmp_path, monkeypatch):
 
     _tiny_dinov2(tmp_path / "model")  # no preprocessor_config.json: ImageNet statistics
     monkeypatch.setattr(hub, "unreachable", lambda: pytest.fail("asked the Hub for a folder"))
-    bb = create_backbone(f"hf:{tmp_path / 'model'}")
-    assert bb.mean == timm.data.IMAGENET_DEFAULT_MEAN
+    monkeypatch.setenv("HOME", str(tmp_path))  # hf:~/model, as typed in a shell (no expansion)
+    for name in (f"hf:{tmp_path / 'model'}", "hf:~/model"):
+        bb = create_backbone(name)
+        assert bb.mean == timm.data.IMAGENET_DEFAULT_MEAN
+        assert bb.weights_id.startswith("file:sha256:") and bb.model_id == str(tmp_path / "model")
     with pytest.raises(WeightsUnavailableError, match="no such folder"):
         create_backbone(f"hf:{tmp_path / 'missing'}")
 
@@ -271,5 +274,6 @@ def test_hf_model_options_override_config_fields(tmp_path):
     bb = create_backbone(f"hf:{tmp_path / 'model'}", drop_path_rate=0.1)
     assert bb.model.config.drop_path_rate == 0.1
     assert [layer.drop_path.drop_prob for layer in bb.model.encoder.layer] == [0.1, 0.1]
-    with pytest.raises(ProbeError, match=r"Dinov2Config has no field\(s\) \['depth'\]"):
-        create_backbone(f"hf:{tmp_path / 'model'}", depth=2)
+    for not_a_field in ("depth", "to_dict"):  # an unknown name, a method of the config
+        with pytest.raises(ProbeError, match=rf"Dinov2Config has no field\(s\) \['{not_a_field}'\]"):
+            create_backbone(f"hf:{tmp_path / 'model'}", **{not_a_field: 2})

@@ -391,6 +391,7 @@ class Trainer:
         batches, totals = iter(micro_batches), 0
         for a in range(self.accum):
             if (batch := next(batches, None)) is None:  # a step must end in the gradient sync
+                self.optimizer.zero_grad(set_to_none=True)
                 raise ProbeError(f"a step takes {self.accum} micro-batches, {a} were given")
             totals = totals + self._micro_step(batch, last=a == self.accum - 1)
         self.optimizer.step()
