@@ -366,9 +366,10 @@ def _create_hf(name: str, weights, random_init: bool, image_size: int | None,
     try:  # the processor's normalisation, read from its config without instantiating it
         mixin = transformers.image_processing_utils.ImageProcessingMixin
         proc = fetch(lambda local: mixin.get_image_processor_dict(ref, local_files_only=local))[0]
-    except hub.HubUnreachable as e:  # it may exist: say that the statistics are a guess
-        warnings.warn(f"{name}: the image processor config is {e}; normalising with ImageNet "
-                      "mean/std, which may not be this model's", stacklevel=3)
+    except hub.HubUnreachable as e:  # unless known not to exist, the statistics are a guess
+        if not hub.known_missing(ref, "preprocessor_config.json"):
+            warnings.warn(f"{name}: the image processor config is {e}; normalising with "
+                          "ImageNet mean/std, which may not be this model's", stacklevel=3)
         proc = {}
     except OSError:  # no processor config: DINOv2-style models use ImageNet statistics
         proc = {}

@@ -67,3 +67,10 @@ def cached_or_download(load: Callable[[bool], T]) -> T:
         if (reason := unreachable()) is not None:
             raise HubUnreachable(f"not in the Hugging Face cache and {reason}") from miss
     return load(False)
+
+
+def known_missing(repo_id: str, filename: str) -> bool:
+    """The cache remembers the Hub answering that the repository has no such file."""
+    from huggingface_hub import _CACHED_NO_EXIST, try_to_load_from_cache
+
+    return try_to_load_from_cache(repo_id, filename) is _CACHED_NO_EXIST

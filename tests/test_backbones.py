@@ -1,5 +1,6 @@
 """Backbone taps against independent computations with the plain timm / transformers models."""
 import re
+import warnings
 
 import pytest
 import safetensors.torch
@@ -267,6 +268,12 @@ def test_hf_hub_id_from_the_cache_without_the_hub(hub_out_of_reach):
     assert bb.weights_id == f"hf:org/tiny-dinov2@{commit}"  # the snapshot's commit
     assert torch.equal(bb.model.embeddings.position_embeddings,
                        model.embeddings.position_embeddings)
+    # once the Hub has said the repository has none (remembered in the cache), no warning
+    (repo / ".no_exist" / commit).mkdir(parents=True)
+    (repo / ".no_exist" / commit / "preprocessor_config.json").touch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert create_backbone("hf:org/tiny-dinov2").mean == timm.data.IMAGENET_DEFAULT_MEAN
 
 
 def test_hf_model_options_override_config_fields(tmp_path):
