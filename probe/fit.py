@@ -16,13 +16,13 @@ from tqdm import tqdm
 from probe.backbones import MASKED
 from probe.data.masks import mask_name
 from probe.data.splits import stratified_holdout
-from probe.errors import ProbeError
+from probe.errors import ConfigMismatchError, ProbeError
 from probe.files import atomic
 from probe.heads import FROZEN_RECIPES, make_head
 from probe.metrics import eval_metrics
 from probe.pooling import PoolSpec, pool
 from probe.results import find_record, write_record
-from probe.store import FeatureStore, Split, safe_name, store_path
+from probe.store import FILLABLE_FIELDS, IDENTITY_FIELDS, FeatureStore, Split, safe_name, store_path
 
 STRATEGIES = {"none": "baseline", "early": "early", "late": "late"}
 EVAL_SPLITS = {"test": "cub", "waterbirds": "waterbirds"}
@@ -158,9 +158,13 @@ def fit(backbone: str, *, features: str | Path = "features", dataset: str | None
         "recipe": recipe if classifier == "linear" else "select-on-val", "views": views, "seed": seed,
         "stores": {k: s.attrs.get("store_id") for k, s in eval_stores.items() if s is not None},
     }
-    if not force and (previous := find_record(config, results)) is not None:
+    _check_same_build(train_store, eval_stores)
+    evaluable = [f"{EVAL_SPLITS[split_name]}/{test_input}"
+                 for test_input, store, split_name in _eval_splits(eval_stores, spec)]
+    previous = None if force else find_record(config, results)
+    if previous is not None and set(evaluable) <= set(previous["metrics"]):
         previous["reused"] = True
-        return previous
+        return previous  # (a store that gained an evaluation set since is fitted again)
 
     started = time.perf_counter()
     train = train_store.split("train")
@@ -182,18 +186,13 @@ def fit(backbone: str, *, features: str | Path = "features", dataset: str | None
     fit_seconds = time.perf_counter() - started - pooled_seconds
 
     metrics = {}
-    for test_input, store in eval_stores.items():
-        for split_name, eval_name in EVAL_SPLITS.items():
-            if store is None or not store.has_split(split_name):
-                continue
-            split = store.split(split_name)
-            if not all(split.complete(n) for n in _needed(split, spec)):
-                continue  # e.g. a masked-input store dumped without the L-1 recomputation
-            labels = split.read("labels")
-            wb = "place" in split.names()
-            metrics[f"{eval_name}/{test_input}"] = eval_metrics(
-                labels, model.predict(pooled(store, split, spec, progress=progress)),
-                split.read("place") if wb else None, split.read("waterbird") if wb else None)
+    for test_input, store, split_name in _eval_splits(eval_stores, spec):
+        split = store.split(split_name)
+        labels = split.read("labels")
+        wb = "place" in split.names()
+        metrics[f"{EVAL_SPLITS[split_name]}/{test_input}"] = eval_metrics(
+            labels, model.predict(pooled(store, split, spec, progress=progress)),
+            split.read("place") if wb else None, split.read("waterbird") if wb else None)
     record = {"kind": "fit", "config": config, "chosen": chosen, "metrics": metrics,
               "timings": {"pool_seconds": round(pooled_seconds, 3),
                           "fit_seconds": round(fit_seconds, 3),
@@ -201,6 +200,39 @@ def fit(backbone: str, *, features: str | Path = "features", dataset: str | None
               "pool_spec": spec.key()}
     record["path"] = str(write_record(record, results))
     return record
+
+
+def _eval_splits(eval_stores: dict, spec: PoolSpec) -> list[tuple[str, FeatureStore, str]]:
+    """(test input, store, split name) of every evaluation set the stores can score now."""
+    found = []
+    for test_input, store in eval_stores.items():
+        for split_name in EVAL_SPLITS:
+            if store is None or not store.has_split(split_name):
+                continue
+            split = store.split(split_name)
+            if all(split.complete(n) for n in _needed(split, spec)):  # e.g. no L-1 recomputation
+                found.append((test_input, store, split_name))
+    return found
+
+
+def _check_same_build(train_store: FeatureStore, eval_stores: dict) -> None:
+    """Original and masked-input stores are scored with one head: same model, weights, transform
+    and images, only the input may differ."""
+    fields = [f for f in IDENTITY_FIELDS if f not in ("input", "input_mask_source")]
+    mine = train_store.attrs
+    for store in eval_stores.values():
+        if store is None or store is train_store:
+            continue
+        theirs = store.attrs
+        diffs = [f"{f}: {train_store.path.name} has {mine.get(f)!r}, {store.path.name} has "
+                 f"{theirs.get(f)!r}" for f in fields
+                 if mine.get(f) != theirs.get(f) and not (f in FILLABLE_FIELDS
+                                                          and None in (mine.get(f), theirs.get(f)))]
+        if diffs:
+            raise ConfigMismatchError(
+                f"the feature stores of {train_store.path.parent} were built differently, so one "
+                "head cannot be trained on one and scored on the other:\n  " + "\n  ".join(diffs)
+                + "\ndump the odd one again with the other's options and --overwrite")
 
 
 def _with_views(store: FeatureStore, spec: PoolSpec, X, y, ids, views: int, progress: bool):

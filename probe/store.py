@@ -193,6 +193,7 @@ class FeatureStore:
                     f"split {name!r} of {self.path} holds {split.rows} rows of other images than "
                     f"requested ({rows}); pass --overwrite to rebuild the store")
             del self.group[name]
+        shutil.rmtree(self.cache_dir / name, ignore_errors=True)  # derived from rows now gone
         if not chunk_rows:
             by_size = max(CHUNK_BYTES // max(row_bytes, 1), 1)
             chunk_rows = int(min(-(-by_size // batch_rows) * batch_rows, 4096 * batch_rows))

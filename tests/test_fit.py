@@ -175,3 +175,56 @@ def test_rebuilt_store_drops_the_old_pooled_caches(tmp_path):
     np.testing.assert_allclose(again, np.concatenate([split.read("prefix")[:, 0], patch], 1),
                                rtol=1e-6)
     assert [p.name for p in FeatureStore.caches_of(path).iterdir()] == [rebuilt.attrs["store_id"]]
+
+
+def test_a_rebuilt_split_drops_its_pooled_caches(tmp_path):
+    """`--views K` with another K rebuilds `train.aug` in place: its old pooled rows must go."""
+    rng = np.random.default_rng(1)
+    store = _tiny_store(tmp_path / "original.zarr", rng)
+    spec = PoolSpec("L", "patch", "mean")
+    index = {"ids": np.arange(3), "labels": np.arange(3) % 2}
+    split = store.create_split("train.aug", 3, 64, index)
+    split.require("L", ArraySpec((2, 2, 4), "float16"))[:] = rng.random((3, 2, 2, 4))
+    split.finish(["L"])
+    assert fit_module.pooled(store, split, spec).shape == (3, 4)
+    index = {"ids": np.arange(5), "labels": np.arange(5) % 2}
+    split = store.create_split("train.aug", 5, 64, index, replace=True)
+    split.require("L", ArraySpec((2, 2, 4), "float16"))[:] = rng.random((5, 2, 2, 4))
+    split.finish(["L"])
+    np.testing.assert_allclose(fit_module.pooled(store, split, spec),
+                               split.read("L").astype(np.float32).mean(axis=(1, 2)), rtol=1e-6)
+
+
+def _dump(root, out, **kw):
+    from probe.dump import dump
+
+    return dump("test_vit", root, out=out, random_init=True, image_size=64, workers=0,
+                device="cpu", progress=False, **kw)
+
+
+def test_a_store_that_gained_an_evaluation_set_is_fitted_again(synth_root, tmp_path):
+    features, results = tmp_path / "features", tmp_path / "results"
+    _dump(synth_root, features, splits=["train", "test"])
+    first = fit("test_vit", features=features, results=results, progress=False)
+    assert set(first["metrics"]) == {"cub/original"}
+    assert fit("test_vit", features=features, results=results, progress=False)["reused"]
+    _dump(synth_root, features, splits=["waterbirds"])
+    again = fit("test_vit", features=features, results=results, progress=False)
+    assert not again.get("reused") and again["id"] == first["id"]  # same experiment, rescored
+    assert set(again["metrics"]) == {"cub/original", "waterbirds/original"}
+    assert again["metrics"]["cub/original"] == first["metrics"]["cub/original"]
+    assert len(list((results / "runs").glob("*.json"))) == 1
+
+
+def test_stores_built_differently_are_not_mixed(synth_root, tmp_path):
+    from probe.errors import ConfigMismatchError
+
+    features = tmp_path / "features"
+    _dump(synth_root, features, splits=["train", "test"])
+    from probe.dump import dump
+
+    dump("test_vit", synth_root, out=features, input="masked", random_init=True, image_size=32,
+         workers=0, device="cpu", progress=False, splits=["train", "test"])
+    with pytest.raises(ConfigMismatchError, match=r"image_size: original.zarr has 64, "
+                                                  r"masked-gt.zarr has 32"):
+        fit("test_vit", features=features, results=tmp_path / "results", progress=False)
