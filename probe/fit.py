@@ -102,6 +102,9 @@ def pool_spec(*, head: str, mask: str, stage: str, mask_source: str, fg_rule: st
     if stage == "L-1":  # masked before the last stage; the head then pools all cells, no 2nd mask
         if pooling != "mean":
             raise ProbeError("--stage L-1 pools the recomputed last stage plainly: use --pooling mean")
+        if fg_rule != "seed":
+            raise ProbeError("--stage L-1 uses the mask the dump applied with the seed's rule; "
+                             "--fg-rule area applies to late masking at L only")
         return PoolSpec(f"{MASKED}.{mask_source}", head, "mean")
     spatial = pooling if pooling != "mean" else ("late" if mask == "late" else "mean")
     if spatial == "mean":

@@ -103,7 +103,10 @@ class Section:
 
     def describe(self) -> str:
         mask = f", mask source `{self.mask_source}`" if self.mask_source else ""
-        variant = f"variant {self.variant}" if self.variant else "the study's protocol"
+        variant = f"variant {self.variant}" if self.variant else "the study's settings"
+        if not self.variant and (self.records.r_regime == "frozen").any():
+            variant += ("; frozen cells from features computed once (K = 0), where the study "
+                        "augmented every image anew each epoch")
         n = self.records.record_id.nunique()
         return f"Records: dataset `{self.data}`{mask}, {variant} ({n} record{'s' * (n != 1)})"
 

@@ -100,6 +100,8 @@ def test_mask_sources(tiny_cub, tmp_path):
     shutil.copytree(seg, pred)
     source = MaskSource.parse(f"dir:{pred}")
     assert source.name == "pred-masks" and MaskSource.parse("none").kind == "none"
+    # names become store array names: ASCII only, whatever the folder is called
+    assert MaskSource.parse(f"dir:{tmp_path / 'm2f_vögel'}").name == "m2f_v-gel"
     assert source.missing(tiny_cub, ds.paths) == []
     (pred / ds.paths[0]).with_suffix(".png").unlink()
     assert source.missing(tiny_cub, ds.paths) == [(pred / ds.paths[0]).with_suffix(".png")]

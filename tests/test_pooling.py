@@ -183,3 +183,14 @@ def test_pool_spec_keys_and_masks():
         PoolSpec(spatial="late", mask="my masks/v1")
     with pytest.raises(ProbeError, match="fg_rule"):
         PoolSpec(spatial="late", mask="gt", fg_rule="soft")
+
+
+def test_late_masking_at_l_minus_1_takes_no_second_mask_rule():
+    from probe.fit import pool_spec
+
+    common = dict(head="patch", mask="late", stage="L-1", mask_source="gt", fg_threshold=0.5)
+    assert pool_spec(fg_rule="seed", pooling="mean", **common).tap == "L.from-masked-L-1.gt"
+    with pytest.raises(ProbeError, match="--fg-rule area applies to late masking at L only"):
+        pool_spec(fg_rule="area", pooling="mean", **common)
+    with pytest.raises(ProbeError, match="use --pooling mean"):
+        pool_spec(fg_rule="seed", pooling="fgmean", **common)

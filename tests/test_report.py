@@ -167,6 +167,7 @@ def test_summary_reports_claims_and_unplaced_records(report):
     assert result.summary == (folder / "summary.md").read_text()
     main = result.summary.split("## Findings")[1]
     assert "**supported** — Early masking gives the best out-of-distribution" in main
+    assert "the study's settings; frozen cells from features computed once (K = 0)" in main
     assert "ViT-B frozen: Baseline 76.00, Early-Masked 87.50, Late-Masked 77.00 → yes" in main
     assert "**not enough records** — Patch tokens with early masking" in main
     assert "1 record(s) in no table shown" in result.summary

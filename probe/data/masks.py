@@ -40,7 +40,8 @@ class MaskSource:
         """Short name used in store array names (letters, digits, '-', '_', '.')."""
         if self.kind != "dir":
             return self.kind
-        name = "".join(c if c.isalnum() or c in "-_." else "-" for c in self.folder.resolve().name)
+        name = "".join(c if (c.isascii() and c.isalnum()) or c in "-_." else "-"
+                       for c in self.folder.resolve().name)
         return name.strip(".") or "masks"
 
     @property
