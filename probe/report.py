@@ -31,6 +31,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from probe.data.masks import mask_name
 from probe.errors import ProbeError
 from probe.experiments import (
     CLAIMS,
@@ -292,6 +293,7 @@ def build_report(results_dir: str | Path = "results", tables: Sequence[int] = (3
     ``mask_source``: report only records of that mask source (and baselines without
     one); None reports every mask source, each in its own section.
     """
+    mask_source = mask_name(mask_source) if mask_source else None  # dir:PATH -> its name
     unknown = [t for t in tables if t not in LAYOUTS]
     if unknown:
         raise ProbeError(f"no such table {unknown}; the study's tables are {sorted(LAYOUTS)}")

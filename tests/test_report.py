@@ -214,3 +214,18 @@ def test_a_newer_setting_of_a_cell_replaces_the_older_instead_of_averaging(tmp_p
     assert row["CUB / frozen: ours"] == pytest.approx(85.0)  # the two seeds of the newer setting
     assert row["CUB / frozen: n"] == 2
     assert "superseded" in result.summary
+
+
+def test_mask_source_filter_takes_a_name_or_a_folder_spec(tmp_path):
+    results = tmp_path / "results"
+    add(results, "vit_b", "baseline", {"cub/original": 89.0, "waterbirds/original": 76.0})
+    add(results, "vit_b", "early", {"cub/masked": 80.0, "waterbirds/masked": 70.0},
+        mask_source="m2f")
+    add(results, "vit_b", "early", {"cub/masked": 60.0, "waterbirds/masked": 50.0},
+        mask_source="pca")
+    for spec in ("m2f", f"dir:{tmp_path / 'masks' / 'm2f'}"):
+        result = build_report(results, tables=(4,), out=tmp_path / "out", mask_source=spec)
+        table = pd.read_csv(tmp_path / "out" / "table4-cub.csv")
+        early = table.loc[(table.backbone == "vit_b") & (table.strategy == "Early-Masked")]
+        assert early["Waterbirds / frozen: ours"].item() == 70.0, spec
+        assert "mask source `m2f`" in result.summary
