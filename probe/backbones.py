@@ -122,6 +122,8 @@ class Backbone(torch.nn.Module):
                 out["prefix"] = prefix[:b]
             if lm1_keep is not None:
                 out[MASKED] = maps[-b:]
+                if prefix is not None:  # the CLS that attended to the masked map
+                    out[f"prefix.{MASKED}"] = prefix[-b:]
         return out
 
     def _validate(self, x, taps, lm1_keep) -> None:

@@ -34,7 +34,15 @@ from probe.data.transforms import (
 )
 from probe.errors import ProbeError
 from probe.results import jsonable
-from probe.store import ArraySpec, FeatureStore, Split, fg_array_name, safe_name, store_path
+from probe.store import (
+    ArraySpec,
+    FeatureStore,
+    Split,
+    fg_array_name,
+    prefix_array_name,
+    safe_name,
+    store_path,
+)
 
 AUG_SPLIT = "train.aug"  # K augmented views of every train image, with a view index
 TAPS = ("L", "L-1", MASKED)
@@ -184,7 +192,9 @@ def _plan_arrays(backbone, taps: list[str], fg_source: MaskSource | None) -> dic
         name = f"{MASKED}.{fg_source.name}" if tap == MASKED else tap
         specs[name] = ArraySpec((*backbone.grid(tap), backbone.dim(tap)), "float16")
     if backbone.num_prefix_tokens:
-        specs["prefix"] = ArraySpec((backbone.num_prefix_tokens, backbone.dim("L")), "float16")
+        prefix = ArraySpec((backbone.num_prefix_tokens, backbone.dim("L")), "float16")
+        specs |= {prefix_array_name(name): prefix for name in specs if name.startswith(MASKED)}
+        specs["prefix"] = prefix
     return specs
 
 
@@ -206,7 +216,7 @@ def _run_split(split: Split, items: _Items, specs: dict[str, ArraySpec], backbon
     progress = progress if progress is not None else split.progress(pending)
     done = progress[:]
     chunks = [c for c in range(split.n_chunks) if c % rt.world == rt.rank and not done[c]]
-    taps = [n for n in pending if n in TAPS or n.startswith(MASKED)]
+    taps = [n for n in pending if n in TAPS or MASKED in n]  # incl. the masked run's prefix
     need_forward = bool(taps) or "prefix" in pending
     loader = guarded_loader(items, batch_sampler=_Batches(split, chunks, batch_size),
                             num_workers=workers, pin_memory=rt.device.type == "cuda")
@@ -227,13 +237,13 @@ def _run_split(split: Split, items: _Items, specs: dict[str, ArraySpec], backbon
                 if backbone.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 keep = None
-                if any(t.startswith(MASKED) for t in taps):
+                if any(MASKED in t for t in taps):
                     keep = mask_to_grid(batch["fg_nearest"], backbone.grid("L-1"), "seed").to(rt.device)
                 base_taps = [t for t in ("L", "L-1", "prefix") if t in pending]
                 with torch.inference_mode(), autocast:
                     feats = backbone.forward_taps(x, taps=base_taps, lm1_keep=keep)
-                for name in pending:
-                    key = MASKED if name.startswith(MASKED) else name
+                for name in pending:  # stored names carry the mask source after MASKED
+                    key = name[:name.index(MASKED) + len(MASKED)] if MASKED in name else name
                     if key in feats:
                         out[name] = _to_float16(name, feats[key], ids[rows])
             for name in pending:

@@ -30,7 +30,7 @@ EVAL_SPLITS = {"test": "cub", "waterbirds": "waterbirds"}
 
 def _needed(split: Split, spec: PoolSpec) -> list[str]:
     """The arrays `spec` pools from in `split` (fg maps are named by the tap's grid)."""
-    names = [spec.tap] + (["prefix"] if spec.representation != "patch" else [])
+    names = [spec.tap] + ([spec.prefix_array] if spec.representation != "patch" else [])
     if spec.mask and split.complete(spec.tap):
         names.append(spec.fg_array(*split.group[spec.tap].shape[1:3]))
     return names
@@ -44,7 +44,7 @@ def pooled(store: FeatureStore, split: Split, spec: PoolSpec, rows: np.ndarray |
         values = np.load(cache)
     else:
         tap = split[spec.tap]
-        prefix = split["prefix"] if spec.representation != "patch" else None
+        prefix = split[spec.prefix_array] if spec.representation != "patch" else None
         fg = split[spec.fg_array(*tap.shape[1:3])] if spec.mask else None
         head_norm = store.attrs.get("head_norm") if spec.representation == "patch" else None
         parts = []
@@ -82,10 +82,36 @@ def _open_store(features, dataset, backbone, input_name, data_root, required: bo
         return FeatureStore.open(path)
     if not required:
         return None
+    raise ProbeError(f"no feature store {path}; create it with:\n  "
+                     + _dump_command(backbone, data_root, input_name))
+
+
+def _dump_command(backbone: str, data_root, input_name: str, extra: str = "") -> str:
     masked = input_name.startswith("masked-")
-    cmd = (f"probe dump --backbone {backbone} --data {data_root or 'ROOT'}"
-           + (f" --input masked --masks {input_name[len('masked-'):]}" if masked else ""))
-    raise ProbeError(f"no feature store {path}; create it with:\n  {cmd}")
+    return (f"probe dump --backbone {backbone} --data {data_root or 'ROOT'}"
+            + (f" --input masked --masks {input_name[len('masked-'):]}" if masked else "") + extra)
+
+
+def _require_arrays(store: FeatureStore, split: Split, spec: PoolSpec, backbone: str,
+                    data_root) -> None:
+    """The training split holds what `spec` pools, else: the dump command that adds it (a dump
+    run again writes only the arrays a store lacks)."""
+    missing = [n for n in _needed(split, spec) if not split.complete(n)]
+    if not split.complete(spec.tap):
+        missing = [spec.tap]  # its grid names the foreground map needed with it
+    if not missing:
+        return
+    spec_of = (store.attrs.get("mask_sources") or {}).get  # short name -> gt or dir:PATH
+    if spec.tap.startswith(MASKED):
+        name = spec.tap[len(MASKED) + 1:]
+        extra = f" --taps L,{MASKED}" + ("" if store.path.name.startswith("masked-")
+                                         else f" --masks {spec_of(name, name)}")
+    elif spec.mask is not None:
+        extra = f" --add-masks {spec_of(spec.mask, spec.mask)}"
+    else:
+        extra = ""
+    raise ProbeError(f"split {split.name!r} of {store.path} lacks {', '.join(missing)}; add it "
+                     f"with:\n  {_dump_command(backbone, data_root, store.path.stem, extra)}")
 
 
 def pool_spec(*, head: str, mask: str, stage: str, mask_source: str, fg_rule: str,
@@ -171,6 +197,7 @@ def fit(backbone: str, *, features: str | Path = "features", dataset: str | None
 
     started = time.perf_counter()
     train = train_store.split("train")
+    _require_arrays(train_store, train, spec, backbone, data_root)
     X = pooled(train_store, train, spec, progress=progress)
     y, ids = train.read("labels"), train.read("ids")
     if views:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from probe.errors import ProbeError
-from probe.store import fg_array_name
+from probe.store import fg_array_name, prefix_array_name
 
 REPRESENTATIONS = ("cls", "patch", "cls+patch")
 SPATIAL = ("mean", "late", "fgmean", "bg")
@@ -192,6 +192,11 @@ class PoolSpec:
             if name is not None and not _SAFE.fullmatch(name):
                 raise PoolingError(f"{name!r} may only use letters, digits, '-', '_' and '.'")
 
+    @property
+    def prefix_array(self) -> str:
+        """Name of the store array holding the CLS / register tokens that go with ``tap``."""
+        return prefix_array_name(self.tap)
+
     def fg_array(self, h: int, w: int) -> str:
         """Name of the store array holding this spec's foreground map on an h x w grid."""
         return fg_array_name(self.mask, (h, w), "seed" if self.fg_rule == "seed" else "area")
@@ -203,6 +208,8 @@ class PoolSpec:
     def key(self) -> str:
         """Filesystem-safe name, e.g. ``L.cls-patch.late.gt.area0.5``."""
         parts = [self.tap, self.representation.replace("+", "-"), self.spatial]
+        if self.representation != "patch" and self.prefix_array != "prefix":
+            parts.append("masked-prefix")  # not the plain run's CLS (caches before that differ)
         if self.mask is not None:
             parts += [self.mask, "seed" if self.fg_rule == "seed" else f"area{self.threshold!r}"]
         return ".".join(parts)

@@ -45,6 +45,12 @@ def fg_array_name(mask: str, grid: tuple[int, int], rule: str = "area") -> str:
     return f"{prefix}.{mask}.{grid[0]}x{grid[1]}"
 
 
+def prefix_array_name(tap: str) -> str:
+    """The CLS / register tokens that go with a tap: the plain run's (`prefix`) for L and L-1,
+    the masked run's (`prefix.<tap>`) for a tap recomputed from a masked L-1 map."""
+    return "prefix" if tap in ("L", "L-1") else f"prefix.{tap}"
+
+
 @dataclass
 class ArraySpec:
     tail: tuple[int, ...]  # shape after the row axis

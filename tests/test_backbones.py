@@ -48,10 +48,16 @@ def test_vit_taps_match_timm(name, prefix):
         lm1, lm1_prefix = m.forward_intermediates(
             x, indices=[0], return_prefix_tokens=True, intermediates_only=True)[0]
         patches = lm1.flatten(2).transpose(1, 2) * keep.flatten(1)[..., None]
-        masked = m.norm(m.blocks[-1](torch.cat([lm1_prefix, patches], 1)))[:, prefix:]
+        masked_tokens = m.norm(m.blocks[-1](torch.cat([lm1_prefix, patches], 1)))
+        masked = masked_tokens[:, prefix:]
         all_ones = bb.forward_taps(x, taps=(), lm1_keep=torch.ones(2, 4, 4))
         bool_keep = bb.forward_taps(x, taps=(), lm1_keep=keep.bool())
-    assert set(out) == {"L", "prefix", "L-1", MASKED} and set(all_ones) == {MASKED}
+    masked_prefix = f"prefix.{MASKED}"  # the CLS that attended to the masked map
+    assert set(out) == {"L", "prefix", "L-1", MASKED, masked_prefix}
+    assert set(all_ones) == {MASKED, masked_prefix}
+    close(out[masked_prefix], masked_tokens[:, :prefix])
+    close(all_ones[masked_prefix], out["prefix"])
+    assert not torch.allclose(out[masked_prefix], out["prefix"])
     close(out["prefix"], tokens[:, :prefix])
     close(out["L"], tokens[:, prefix:].reshape(2, 4, 4, 48))
     close(out["L-1"], lm1.permute(0, 2, 3, 1))

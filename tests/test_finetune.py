@@ -84,10 +84,16 @@ def test_features_equal_the_dumped_taps(synth_root, tmp_path, name):
     h, w = model.mask_grid
     np.testing.assert_array_equal(keep.numpy(), split.read(f"fgseed.gt.{h}x{w}"))
     with torch.no_grad():
-        masked, _ = model.features(x, keep)
+        masked, masked_prefix = model.features(x, keep)
         model.late = None
-        plain, _ = model.features(x)
-    for stored, ours in ((split.read("L.from-masked-L-1.gt"), masked), (split.read("L"), plain)):
+        plain, plain_prefix = model.features(x)
+    pairs = [(split.read("L.from-masked-L-1.gt"), masked), (split.read("L"), plain)]
+    if name == "test_vit":  # the frozen protocol's CLS at L-1 is the one fine-tuning sees
+        pairs += [(split.read("prefix.L.from-masked-L-1.gt"), masked_prefix),
+                  (split.read("prefix"), plain_prefix)]
+    else:
+        assert "prefix.L.from-masked-L-1.gt" not in split.names()
+    for stored, ours in pairs:
         np.testing.assert_allclose(stored.astype(np.float32), ours.numpy(),
                                    atol=2e-3 * float(ours.abs().max()))  # float16 storage
     assert not np.allclose(masked.numpy(), plain.numpy(), atol=1e-3)

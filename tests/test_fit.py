@@ -228,3 +228,23 @@ def test_stores_built_differently_are_not_mixed(synth_root, tmp_path):
     with pytest.raises(ConfigMismatchError, match=r"image_size: original.zarr has 64, "
                                                   r"masked-gt.zarr has 32"):
         fit("test_vit", features=features, results=tmp_path / "results", progress=False)
+
+
+def test_missing_arrays_name_the_dump_that_adds_them(synth_root, tmp_path):
+    """A store without the L-1 recomputation (or one dumped before the masked run's CLS was
+    stored): the error gives the dump command, which adds only what is missing."""
+    features, results = tmp_path / "features", tmp_path / "results"
+    path = _dump(synth_root, features, splits=["train", "test"])
+    late_l1 = dict(features=features, results=results, mask="late", stage="L-1", progress=False)
+    with pytest.raises(ProbeError, match=r"lacks L.from-masked-L-1.gt; add it with:\n  probe dump "
+                                         r"--backbone test_vit --data ROOT --taps "
+                                         r"L,L.from-masked-L-1 --masks gt"):
+        fit("test_vit", **late_l1)
+    _dump(synth_root, features, splits=["train", "test"], taps=("L", "L.from-masked-L-1"))
+    store = FeatureStore.open(path, mode="a")
+    del store.group["train"]["prefix.L.from-masked-L-1.gt"]  # as dumped by an older probe
+    with pytest.raises(ProbeError, match="lacks prefix.L.from-masked-L-1.gt; add it with"):
+        fit("test_vit", **late_l1)
+    _dump(synth_root, features, splits=["train", "test"], taps=("L", "L.from-masked-L-1"))
+    record = fit("test_vit", **late_l1)
+    assert set(record["metrics"]) == {"cub/original"} and record["config"]["stage"] == "L-1"
