@@ -187,6 +187,9 @@ def fit(backbone: str, *, features: str | Path = "features", dataset: str | None
         "recipe": recipe if classifier == "linear" else "select-on-val", "views": views, "seed": seed,
         "stores": {k: s.attrs.get("store_id") for k, s in eval_stores.items() if s is not None},
     }
+    if spec.representation != "patch" and spec.prefix_array != "prefix":
+        # the masked run's CLS: never reuse a record made when the plain run's CLS was pooled
+        config["prefix"] = spec.prefix_array
     _check_same_build(train_store, eval_stores)
     evaluable = [f"{EVAL_SPLITS[split_name]}/{test_input}"
                  for test_input, store, split_name in _eval_splits(eval_stores, spec)]

@@ -248,3 +248,5 @@ def test_missing_arrays_name_the_dump_that_adds_them(synth_root, tmp_path):
     _dump(synth_root, features, splits=["train", "test"], taps=("L", "L.from-masked-L-1"))
     record = fit("test_vit", **late_l1)
     assert set(record["metrics"]) == {"cub/original"} and record["config"]["stage"] == "L-1"
+    assert record["config"]["prefix"] == "prefix.L.from-masked-L-1.gt"  # not an older record's
+    assert "prefix" not in fit("test_vit", **{**late_l1, "head": "patch"})["config"]
