@@ -327,6 +327,9 @@ def dump(backbone: str, data_root: str | Path, *, input: str = "original", masks
     rt = runtime(device)
     model = create_backbone(backbone, weights=weights, random_init=random_init,
                             image_size=image_size, **(model_kwargs or {}))
+    if unsupported := [t for t in taps if t not in model.taps]:  # before any store is written
+        raise ProbeError(f"backbone {backbone} ({model.kind}) has no tap(s) {unsupported}; "
+                         f"its taps: {', '.join(model.taps)}")
     model.to(rt.device)
     if model.channels_last:
         model.to(memory_format=torch.channels_last)

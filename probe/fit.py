@@ -16,6 +16,7 @@ from tqdm import tqdm
 from probe.backbones import MASKED
 from probe.data.masks import mask_name
 from probe.data.splits import stratified_holdout
+from probe.dump import AUG_SPLIT, default_dataset_name
 from probe.errors import ConfigMismatchError, ProbeError
 from probe.files import atomic
 from probe.heads import FROZEN_RECIPES, make_head
@@ -63,8 +64,6 @@ def pooled(store: FeatureStore, split: Split, spec: PoolSpec, rows: np.ndarray |
 
 def _find_dataset(features: Path, backbone: str, data_root) -> str:
     if data_root is not None:
-        from probe.dump import default_dataset_name
-
         return default_dataset_name(data_root)
     found = sorted(p.parent.name for p in features.glob(f"*/{safe_name(backbone)}"))
     if len(found) == 1:
@@ -82,20 +81,36 @@ def _open_store(features, dataset, backbone, input_name, data_root, required: bo
         return FeatureStore.open(path)
     if not required:
         return None
-    raise ProbeError(f"no feature store {path}; create it with:\n  "
-                     + _dump_command(backbone, data_root, input_name))
-
-
-def _dump_command(backbone: str, data_root, input_name: str, extra: str = "") -> str:
     masked = input_name.startswith("masked-")
-    return (f"probe dump --backbone {backbone} --data {data_root or 'ROOT'}"
-            + (f" --input masked --masks {input_name[len('masked-'):]}" if masked else "") + extra)
+    cmd = (f"probe dump --backbone {backbone} --data {data_root or 'ROOT'}"
+           + (f" --input masked --masks {input_name[len('masked-'):]}" if masked else "")
+           + ("" if Path(features) == Path("features") else f" --out {features}"))
+    raise ProbeError(f"no feature store {path}; create it with:\n  {cmd}")
 
 
-def _require_arrays(store: FeatureStore, split: Split, spec: PoolSpec, backbone: str,
-                    data_root) -> None:
-    """The training split holds what `spec` pools, else: the dump command that adds it (a dump
-    run again writes only the arrays a store lacks)."""
+def _redump_command(store: FeatureStore, features, extra: str) -> str:
+    """The dump command that completes ``store`` as it was built (same data, weights, size,
+    input and views): run again, a dump writes only the arrays a store lacks."""
+    a = store.attrs
+    root = a.get("data_root") or "ROOT"
+    parts = ["probe dump", f"--backbone {a['backbone']}", f"--data {root}"]
+    if root != "ROOT" and a["dataset"] != default_dataset_name(root):
+        parts.append(f"--dataset {a['dataset']}")
+    weights = str(a.get("weights"))
+    parts += (["--random-init"] if weights == "random-init"
+              else ["--weights FILE"] if weights.startswith("file:") else [])
+    parts.append(f"--image-size {a['image_size']}")
+    if a.get("input_mask_source"):
+        parts.append(f"--input masked --masks {a['input_mask_source']}")
+    if store.has_split(AUG_SPLIT):
+        parts.append(f"--views {int(store.split(AUG_SPLIT).read('view').max(initial=-1)) + 1}")
+    if Path(features) != Path("features"):
+        parts.append(f"--out {features}")
+    return " ".join(parts) + extra
+
+
+def _require_arrays(store: FeatureStore, split: Split, spec: PoolSpec, features) -> None:
+    """The split holds what `spec` pools, else: the dump command that adds it."""
     missing = [n for n in _needed(split, spec) if not split.complete(n)]
     if not split.complete(spec.tap):
         missing = [spec.tap]  # its grid names the foreground map needed with it
@@ -104,14 +119,14 @@ def _require_arrays(store: FeatureStore, split: Split, spec: PoolSpec, backbone:
     spec_of = (store.attrs.get("mask_sources") or {}).get  # short name -> gt or dir:PATH
     if spec.tap.startswith(MASKED):
         name = spec.tap[len(MASKED) + 1:]
-        extra = f" --taps L,{MASKED}" + ("" if store.path.name.startswith("masked-")
+        extra = f" --taps L,{MASKED}" + ("" if store.attrs.get("input_mask_source")
                                          else f" --masks {spec_of(name, name)}")
     elif spec.mask is not None:
         extra = f" --add-masks {spec_of(spec.mask, spec.mask)}"
     else:
         extra = ""
     raise ProbeError(f"split {split.name!r} of {store.path} lacks {', '.join(missing)}; add it "
-                     f"with:\n  {_dump_command(backbone, data_root, store.path.stem, extra)}")
+                     f"with:\n  {_redump_command(store, features, extra)}")
 
 
 def pool_spec(*, head: str, mask: str, stage: str, mask_source: str, fg_rule: str,
@@ -168,6 +183,9 @@ def fit(backbone: str, *, features: str | Path = "features", dataset: str | None
     train_name = masked_name if mask == "early" else "original"
     train_store = _open_store(features, dataset, backbone, train_name, data_root, required=True)
     kind = train_store.attrs.get("kind", "vit")
+    if stage == "L-1" and kind == "hf":
+        raise ProbeError(f"{backbone}: transformers backbones cannot rerun their last stage on a "
+                         "masked L-1 map; use the timm model of the same weights (e.g. vit_b)")
     if head == "auto":
         head = "cls+patch" if train_store.attrs.get("num_prefix_tokens") else "patch"
     if head != "patch" and not train_store.attrs.get("num_prefix_tokens"):
@@ -191,6 +209,10 @@ def fit(backbone: str, *, features: str | Path = "features", dataset: str | None
         # the masked run's CLS: never reuse a record made when the plain run's CLS was pooled
         config["prefix"] = spec.prefix_array
     _check_same_build(train_store, eval_stores)
+    train = train_store.split("train")
+    _require_arrays(train_store, train, spec, features)  # never reuse what cannot be recomputed
+    if views and train_store.has_split(AUG_SPLIT):
+        _require_arrays(train_store, train_store.split(AUG_SPLIT), spec, features)
     evaluable = [f"{EVAL_SPLITS[split_name]}/{test_input}"
                  for test_input, store, split_name in _eval_splits(eval_stores, spec)]
     previous = None if force else find_record(config, results)
@@ -199,8 +221,6 @@ def fit(backbone: str, *, features: str | Path = "features", dataset: str | None
         return previous  # (a store that gained an evaluation set since is fitted again)
 
     started = time.perf_counter()
-    train = train_store.split("train")
-    _require_arrays(train_store, train, spec, backbone, data_root)
     X = pooled(train_store, train, spec, progress=progress)
     y, ids = train.read("labels"), train.read("ids")
     if views:
@@ -270,9 +290,9 @@ def _check_same_build(train_store: FeatureStore, eval_stores: dict) -> None:
 
 def _with_views(store: FeatureStore, spec: PoolSpec, X, y, ids, views: int, progress: bool):
     """Append the store's augmented train views (split `train.aug`) to the training rows."""
-    if not store.has_split("train.aug"):
+    if not store.has_split(AUG_SPLIT):
         raise ProbeError(f"{store.path} has no augmented views; dump them with --views {views}")
-    aug = store.split("train.aug")
+    aug = store.split(AUG_SPLIT)
     view = aug.read("view")
     rows = np.flatnonzero(view < views)
     if int(view.max(initial=-1)) + 1 < views:

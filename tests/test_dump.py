@@ -248,3 +248,23 @@ def test_masks_of_the_wrong_size_are_refused_before_any_work(synth_root, tmp_pat
     Image.fromarray(np.zeros((5, 7), np.uint8)).save(victim)
     with pytest.raises(ProbeError, match=f"1 masks of split .* differ in size.*\n.*{victim.name} is 7x5"):
         dump(data_root=synth_root, masks=f"dir:{pred}", out=tmp_path / "f", **VIT)
+
+
+def test_transformers_backbones_refuse_the_l_minus_1_recomputation(synth_root, tmp_path):
+    import transformers
+
+    from probe.fit import fit
+
+    folder = tmp_path / "dinov2"
+    transformers.Dinov2Model(transformers.Dinov2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=56,
+        patch_size=14)).save_pretrained(folder)
+    common = dict(out=tmp_path / "features", workers=0, device="cpu", progress=False,
+                  splits=["train"])
+    with pytest.raises(ProbeError, match=r"has no tap\(s\) \['L.from-masked-L-1'\]"):
+        dump(f"hf:{folder}", synth_root, taps=("L", "L.from-masked-L-1"), **common)
+    assert not (tmp_path / "features").exists()  # refused before any store was written
+    dump(f"hf:{folder}", synth_root, **common)
+    with pytest.raises(ProbeError, match="use the timm model of the same weights"):
+        fit(f"hf:{folder}", features=tmp_path / "features", mask="late", stage="L-1",
+            results=tmp_path / "results", progress=False)

@@ -230,23 +230,38 @@ def test_stores_built_differently_are_not_mixed(synth_root, tmp_path):
         fit("test_vit", features=features, results=tmp_path / "results", progress=False)
 
 
+def _run_printed_command(error: str) -> None:
+    """Run the `probe dump ...` line an error message suggests, as a user would paste it."""
+    import shlex
+
+    line = error.split("add it with:\n  ")[1].strip()
+    assert line.startswith("probe dump ")
+    result = CliRunner().invoke(main, shlex.split(line)[1:] + ["--workers", "0", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+
+
 def test_missing_arrays_name_the_dump_that_adds_them(synth_root, tmp_path):
     """A store without the L-1 recomputation (or one dumped before the masked run's CLS was
-    stored): the error gives the dump command, which adds only what is missing."""
+    stored): the error gives the dump command, which adds only what is missing; pasted as it
+    is, it completes the store in place (same weights, size, views and folder)."""
     features, results = tmp_path / "features", tmp_path / "results"
-    path = _dump(synth_root, features, splits=["train", "test"])
-    late_l1 = dict(features=features, results=results, mask="late", stage="L-1", progress=False)
+    path = _dump(synth_root, features, splits=["train", "test"], views=1)
+    late_l1 = dict(features=features, results=results, mask="late", stage="L-1", progress=False,
+                   views=1)
     with pytest.raises(ProbeError, match=r"lacks L.from-masked-L-1.gt; add it with:\n  probe dump "
-                                         r"--backbone test_vit --data ROOT --taps "
-                                         r"L,L.from-masked-L-1 --masks gt"):
+                                         r"--backbone test_vit --data \S+ --random-init "
+                                         r"--image-size 64 --views 1 --out \S+ --taps "
+                                         r"L,L.from-masked-L-1 --masks gt") as err:
         fit("test_vit", **late_l1)
-    _dump(synth_root, features, splits=["train", "test"], taps=("L", "L.from-masked-L-1"))
+    _run_printed_command(str(err.value))
     store = FeatureStore.open(path, mode="a")
     del store.group["train"]["prefix.L.from-masked-L-1.gt"]  # as dumped by an older probe
-    with pytest.raises(ProbeError, match="lacks prefix.L.from-masked-L-1.gt; add it with"):
+    with pytest.raises(ProbeError, match="lacks prefix.L.from-masked-L-1.gt; add it with") as err:
         fit("test_vit", **late_l1)
-    _dump(synth_root, features, splits=["train", "test"], taps=("L", "L.from-masked-L-1"))
+    _run_printed_command(str(err.value))
     record = fit("test_vit", **late_l1)
-    assert set(record["metrics"]) == {"cub/original"} and record["config"]["stage"] == "L-1"
+    # the pasted command dumps the default splits, Waterbirds included
+    assert set(record["metrics"]) == {"cub/original", "waterbirds/original"}
+    assert record["config"]["stage"] == "L-1"
     assert record["config"]["prefix"] == "prefix.L.from-masked-L-1.gt"  # not an older record's
     assert "prefix" not in fit("test_vit", **{**late_l1, "head": "patch"})["config"]
