@@ -216,7 +216,8 @@ def _run_split(split: Split, items: _Items, specs: dict[str, ArraySpec], backbon
     progress = progress if progress is not None else split.progress(pending)
     done = progress[:]
     chunks = [c for c in range(split.n_chunks) if c % rt.world == rt.rank and not done[c]]
-    taps = [n for n in pending if n in TAPS or MASKED in n]  # incl. the masked run's prefix
+    masked_run = (MASKED, prefix_array_name(MASKED))  # array names: these, then ".<mask>"
+    taps = [n for n in pending if n in TAPS or n.startswith(masked_run)]
     need_forward = bool(taps) or "prefix" in pending
     loader = guarded_loader(items, batch_sampler=_Batches(split, chunks, batch_size),
                             num_workers=workers, pin_memory=rt.device.type == "cuda")
@@ -237,13 +238,13 @@ def _run_split(split: Split, items: _Items, specs: dict[str, ArraySpec], backbon
                 if backbone.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 keep = None
-                if any(MASKED in t for t in taps):
+                if any(t.startswith(masked_run) for t in taps):
                     keep = mask_to_grid(batch["fg_nearest"], backbone.grid("L-1"), "seed").to(rt.device)
                 base_taps = [t for t in ("L", "L-1", "prefix") if t in pending]
                 with torch.inference_mode(), autocast:
                     feats = backbone.forward_taps(x, taps=base_taps, lm1_keep=keep)
                 for name in pending:  # stored names carry the mask source after MASKED
-                    key = name[:name.index(MASKED) + len(MASKED)] if MASKED in name else name
+                    key = next((k for k in masked_run if name.startswith(k)), name)
                     if key in feats:
                         out[name] = _to_float16(name, feats[key], ids[rows])
             for name in pending:

@@ -102,6 +102,7 @@ def test_mask_sources(tiny_cub, tmp_path):
     assert source.name == "pred-masks" and MaskSource.parse("none").kind == "none"
     # names become store array names: ASCII only, whatever the folder is called
     assert MaskSource.parse(f"dir:{tmp_path / 'm2f_vögel'}").name == "m2f_v-gel"
+    assert MaskSource.parse(f"dir:{tmp_path / '鳥'}").name == "masks"
     assert source.missing(tiny_cub, ds.paths) == []
     (pred / ds.paths[0]).with_suffix(".png").unlink()
     assert source.missing(tiny_cub, ds.paths) == [(pred / ds.paths[0]).with_suffix(".png")]

@@ -42,7 +42,7 @@ class MaskSource:
             return self.kind
         name = "".join(c if (c.isascii() and c.isalnum()) or c in "-_." else "-"
                        for c in self.folder.resolve().name)
-        return name.strip(".") or "masks"
+        return name.strip(".-_") or "masks"
 
     @property
     def spec(self) -> str:
