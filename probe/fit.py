@@ -23,7 +23,14 @@ from probe.heads import FROZEN_RECIPES, make_head
 from probe.metrics import eval_metrics
 from probe.pooling import PoolSpec, pool
 from probe.results import find_record, write_record
-from probe.store import FILLABLE_FIELDS, IDENTITY_FIELDS, FeatureStore, Split, safe_name, store_path
+from probe.store import (
+    IDENTITY_FIELDS,
+    FeatureStore,
+    Split,
+    identity_differences,
+    safe_name,
+    store_path,
+)
 
 STRATEGIES = {"none": "baseline", "early": "early", "late": "late"}
 EVAL_SPLITS = {"test": "cub", "waterbirds": "waterbirds"}
@@ -213,8 +220,7 @@ def fit(backbone: str, *, features: str | Path = "features", dataset: str | None
     _require_arrays(train_store, train, spec, features)  # never reuse what cannot be recomputed
     if views and train_store.has_split(AUG_SPLIT):
         _require_arrays(train_store, train_store.split(AUG_SPLIT), spec, features)
-    evaluable = [f"{EVAL_SPLITS[split_name]}/{test_input}"
-                 for test_input, store, split_name in _eval_splits(eval_stores, spec)]
+    evaluable = _eval_splits(eval_stores, spec)
     previous = None if force else find_record(config, results)
     if previous is not None and set(evaluable) <= set(previous["metrics"]):
         previous["reused"] = True
@@ -239,11 +245,10 @@ def fit(backbone: str, *, features: str | Path = "features", dataset: str | None
     fit_seconds = time.perf_counter() - started - pooled_seconds
 
     metrics = {}
-    for test_input, store, split_name in _eval_splits(eval_stores, spec):
-        split = store.split(split_name)
+    for eval_name, (store, split) in evaluable.items():
         labels = split.read("labels")
         wb = "place" in split.names()
-        metrics[f"{EVAL_SPLITS[split_name]}/{test_input}"] = eval_metrics(
+        metrics[eval_name] = eval_metrics(
             labels, model.predict(pooled(store, split, spec, progress=progress)),
             split.read("place") if wb else None, split.read("waterbird") if wb else None)
     record = {"kind": "fit", "config": config, "chosen": chosen, "metrics": metrics,
@@ -255,16 +260,16 @@ def fit(backbone: str, *, features: str | Path = "features", dataset: str | None
     return record
 
 
-def _eval_splits(eval_stores: dict, spec: PoolSpec) -> list[tuple[str, FeatureStore, str]]:
-    """(test input, store, split name) of every evaluation set the stores can score now."""
-    found = []
+def _eval_splits(eval_stores: dict, spec: PoolSpec) -> dict[str, tuple[FeatureStore, Split]]:
+    """{"cub/original": (store, split), ...}: every evaluation set the stores can score now."""
+    found = {}
     for test_input, store in eval_stores.items():
-        for split_name in EVAL_SPLITS:
+        for split_name, eval_name in EVAL_SPLITS.items():
             if store is None or not store.has_split(split_name):
                 continue
             split = store.split(split_name)
             if all(split.complete(n) for n in _needed(split, spec)):  # e.g. no L-1 recomputation
-                found.append((test_input, store, split_name))
+                found[f"{eval_name}/{test_input}"] = (store, split)
     return found
 
 
@@ -278,9 +283,7 @@ def _check_same_build(train_store: FeatureStore, eval_stores: dict) -> None:
             continue
         theirs = store.attrs
         diffs = [f"{f}: {train_store.path.name} has {mine.get(f)!r}, {store.path.name} has "
-                 f"{theirs.get(f)!r}" for f in fields
-                 if mine.get(f) != theirs.get(f) and not (f in FILLABLE_FIELDS
-                                                          and None in (mine.get(f), theirs.get(f)))]
+                 f"{theirs.get(f)!r}" for f in identity_differences(mine, theirs, fields)]
         if diffs:
             raise ConfigMismatchError(
                 f"the feature stores of {train_store.path.parent} were built differently, so one "

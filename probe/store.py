@@ -160,8 +160,7 @@ class FeatureStore:
     def check_identity(self, attrs: dict) -> None:
         mine = self.attrs
         diffs = [f"{k}: store has {mine.get(k)!r}, requested {attrs.get(k)!r}"
-                 for k in IDENTITY_FIELDS if k in attrs and _canon(mine.get(k)) != _canon(attrs[k])
-                 and not (k in FILLABLE_FIELDS and None in (mine.get(k), attrs[k]))]
+                 for k in identity_differences(mine, attrs)]
         if diffs:
             raise ConfigMismatchError(
                 f"the feature store {self.path} was built with another configuration:\n  "
@@ -222,6 +221,13 @@ class FeatureStore:
     def register_mask_source(self, name: str, spec: str) -> None:
         self.check_mask_source(name, spec)
         self.group.attrs["mask_sources"] = {**(self.attrs.get("mask_sources") or {}), name: spec}
+
+
+def identity_differences(mine: dict, theirs: dict, fields=IDENTITY_FIELDS) -> list[str]:
+    """The identity fields on which two store configurations disagree (a fillable field still
+    unknown on either side agrees)."""
+    return [k for k in fields if k in theirs and _canon(mine.get(k)) != _canon(theirs[k])
+            and not (k in FILLABLE_FIELDS and None in (mine.get(k), theirs[k]))]
 
 
 def _canon(value):
